@@ -1,0 +1,34 @@
+# Two commands for a fresh clone: `make demo` (train on bundled MNIST) and `make test` (the whole suite).
+PYTHON ?= python3
+VENV ?= .venv
+BIN := $(VENV)/bin
+TORCH_PIN := torch==2.13.0
+
+.PHONY: install demo test bench clean
+
+$(VENV)/.installed: pyproject.toml
+	$(PYTHON) -m venv $(VENV)
+	$(BIN)/python -m pip install -q --upgrade pip
+	$(BIN)/python -m pip install -q $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e '.[test]'
+	touch $@
+
+install: $(VENV)/.installed
+
+demo: install
+	$(BIN)/vqvae demo
+
+test: install
+	$(BIN)/python -m pytest
+
+$(VENV)/.bench: $(VENV)/.installed
+	$(BIN)/python -m pip install -q -e '.[test,bench]' $(TORCH_PIN)
+	touch $@
+
+bench: $(VENV)/.bench
+	$(BIN)/python benchmarks/quantizer.py
+	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/sampling.py
+
+clean:
+	rm -rf $(VENV) runs

@@ -1,0 +1,125 @@
+"""The VQ-VAE: encoder, vector quantizer, decoder; saved as `config.json` + `model.safetensors`.
+
+Key: B batch, C image channels, D code dim, K codebook size, S input spatial shape, S' = S / downsample.
+Inputs are in [0, 1] (data.py scales them); the networks see them centred at 0.
+"""
+
+from __future__ import annotations
+
+import json
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from safetensors.torch import load_file, save_file
+from torch import nn
+
+from .config import ModelConfig, from_dict, to_dict, write_json
+from .errors import RunError
+from .nets import Decoder, Encoder
+from .quantizers import Quantized, build_quantizer
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+
+@dataclass
+class Output:
+    """x_hat (B, C, *S) reconstruction; loss scalar to minimise; metrics detached scalar tensors."""
+
+    x_hat: torch.Tensor
+    loss: torch.Tensor
+    metrics: dict[str, torch.Tensor]
+    codes: torch.Tensor
+
+
+class VQVAE(nn.Module):
+    """x -> z_e = encoder(x) -> z_q = nearest codes -> x_hat = decoder(z_q)."""
+
+    def __init__(self, cfg: ModelConfig):
+        super().__init__()
+        self.cfg = cfg
+        q = cfg.quantizer
+        args = (cfg.dims, cfg.in_channels, cfg.hidden, cfg.res_hidden, cfg.res_blocks, cfg.downsample, q.code_dim)
+        self.encoder = Encoder(*args)
+        self.quantizer = build_quantizer(q)
+        self.decoder = Decoder(*args)
+
+    def latent_shape(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
+        """Code grid shape for an input of spatial shape `spatial` (each a multiple of downsample)."""
+        return tuple(s // self.cfg.downsample for s in spatial)
+
+    def _check_input(self, x: torch.Tensor) -> None:
+        f = self.cfg.downsample
+        if x.dim() != self.cfg.dims + 2 or x.shape[1] != self.cfg.in_channels:
+            raise ValueError(f"expected input (B, {self.cfg.in_channels}, {'*S' if self.cfg.dims == 1 else 'H, W'}), "
+                             f"got {tuple(x.shape)}")
+        if any(s % f for s in x.shape[2:]):
+            raise ValueError(f"spatial size {tuple(x.shape[2:])} is not a multiple of downsample={f}; pad first")
+
+    def quantize(self, x: torch.Tensor) -> Quantized:
+        self._check_input(x)
+        return self.quantizer(self.encoder(x - 0.5))  # z_e (B, D, *S')
+
+    def forward(self, x: torch.Tensor) -> Output:
+        """Reconstruction MSE + quantizer loss; metrics: mse, vq_loss, perplexity, usage."""
+        q = self.quantize(x)
+        x_hat = self.decoder(q.z_q) + 0.5  # (B, C, *S)
+        mse = F.mse_loss(x_hat, x)
+        metrics = {"mse": mse.detach(), "vq_loss": q.loss.detach(), **q.stats}
+        return Output(x_hat, mse + q.loss, metrics, q.codes)
+
+    @torch.no_grad()
+    def encode(self, x: torch.Tensor) -> torch.Tensor:
+        """x (B, C, *S) in [0, 1] -> codes (B, *S') int64."""
+        return self.quantize(x).codes
+
+    def decode(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, *S') -> x_hat (B, C, *S), not clamped."""
+        e = self.quantizer.embeddings[codes]  # (B, *S', D)
+        return self.decoder(torch.movedim(e, -1, 1)) + 0.5
+
+    @torch.no_grad()
+    def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
+        """decode(encode(x)) clamped to [0, 1]."""
+        return self.decode(self.encode(x)).clamp(0, 1)
+
+    def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> None:
+        """Write `config.json` (model config plus `extra` keys) and `model.safetensors`, atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        tmp = directory / (WEIGHTS_NAME + ".tmp")
+        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
+        save_file(state, str(tmp))
+        tmp.replace(directory / WEIGHTS_NAME)
+        write_json(directory / CONFIG_NAME, {**(extra or {}), "model": to_dict(self.cfg)})
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "VQVAE":
+        """Rebuild from `config.json` and load `model.safetensors` (never unpickles)."""
+        directory = Path(directory)
+        config, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config, weights):
+            if not path.is_file():
+                raise RunError(f"{path}: missing; expected a run directory written by `vqvae train`")
+        try:
+            cfg = from_dict(ModelConfig, json.loads(config.read_text())["model"])
+        except (ValueError, KeyError) as e:
+            raise RunError(f"{config}: not a vqvae model config ({e})") from None
+        model = cls(cfg)
+        try:
+            model.load_state_dict(load_file(str(weights), device=str(device)))
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise RunError(f"{weights}: cannot load weights ({str(e).splitlines()[0]})") from None
+        return model.to(device).eval()
+
+
+def read_run_config(directory: str | Path) -> dict:
+    """The whole `config.json` of a run (model, data, train sections)."""
+    path = Path(directory) / CONFIG_NAME
+    if not path.is_file():
+        raise RunError(f"{path}: missing; expected a run directory written by `vqvae train`")
+    try:
+        return json.loads(path.read_text())
+    except ValueError as e:
+        raise RunError(f"{path}: not valid JSON ({e})") from None

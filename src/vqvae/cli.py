@@ -1,0 +1,247 @@
+"""The `vqvae` command: thin wrappers that parse arguments, call the library and print what they wrote.
+
+Errors at the boundary (`VQVAEError`) become one line on stderr and exit code 2.
+"""
+
+from __future__ import annotations
+
+import json
+import sys
+from pathlib import Path
+from typing import Optional
+
+import typer
+from rich.console import Console
+from rich.table import Table
+
+from .errors import VQVAEError
+
+app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
+                  help="Vector-quantized autoencoders: train, evaluate, encode to discrete codes, decode.")
+out = Console()
+err = Console(stderr=True)
+
+RunArg = typer.Argument(..., help="Run directory written by `vqvae train`.")
+
+
+def _print_figures(title: str, figures: dict, as_json: bool) -> None:
+    if as_json:
+        print(json.dumps(figures))
+        return
+    table = Table(title=title, show_header=False)
+    for key, value in figures.items():
+        table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
+    out.print(table)
+
+
+@app.command()
+def train(
+    data: str = typer.Option("mnist", help="Dataset URI: mnist, digits, photos, folder:PATH, npy:PATH."),
+    out_dir: Path = typer.Option(Path("runs/mnist"), "--out", help="Run directory to write."),
+    steps: int = typer.Option(6000, help="Training steps (the schedule runs over them)."),
+    max_seconds: float = typer.Option(0.0, help="Stop after this much training time (0: no limit)."),
+    batch_size: int = typer.Option(32),
+    lr: float = typer.Option(1e-3, help="Peak learning rate (Adam; warmup, then cosine decay)."),
+    quantizer: str = typer.Option("ema", help="Codebook learning: 'ema' (moving averages) or 'vq' (gradient)."),
+    codebook_size: int = typer.Option(512, help="K, the number of codes."),
+    code_dim: int = typer.Option(16, help="D, the size of each code vector."),
+    beta: float = typer.Option(0.25, help="Commitment weight."),
+    kmeans: bool = typer.Option(True, help="Initialise the codebook by k-means on the first batch."),
+    dead_code_steps: int = typer.Option(50, help="Restart codes unused for this many steps (0: never)."),
+    hidden: int = typer.Option(64, help="Channels of the conv nets."),
+    res_hidden: int = typer.Option(32, help="Channels inside residual blocks."),
+    res_blocks: int = typer.Option(2, help="Residual blocks in encoder and decoder."),
+    downsample: int = typer.Option(4, help="Downsampling factor (power of 2): 28x28 -> 7x7 at 4."),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
+    as_json: bool = typer.Option(False, "--json", help="Print held-out figures as one JSON object."),
+) -> None:
+    """Train a VQ-VAE and write config.json, model.safetensors, metrics.jsonl and recon.png to --out."""
+    from .config import ModelConfig, QuantizerConfig, TrainConfig
+    from .train import train_autoencoder
+
+    qcfg = QuantizerConfig(codebook_size=codebook_size, code_dim=code_dim, commitment_weight=beta, kind=quantizer,
+                           kmeans_init=kmeans, dead_code_steps=dead_code_steps)
+    mcfg = ModelConfig(hidden=hidden, res_hidden=res_hidden, res_blocks=res_blocks, downsample=downsample,
+                       quantizer=qcfg)
+    tcfg = TrainConfig(data=data, steps=steps, max_seconds=max_seconds, batch_size=batch_size, lr=lr,
+                       seed=seed, device=device)
+    figures = train_autoencoder(mcfg, tcfg, out_dir, resume=resume, console=err)
+    _write_recon(out_dir)
+    err.print(f"wrote {out_dir}/config.json, model.safetensors, metrics.jsonl, recon.png")
+    _print_figures(f"held-out figures of {out_dir}", figures, as_json)
+
+
+def _write_recon(run: Path, n: int = 32) -> Path:
+    """recon.png: the first `n` held-out images above their reconstructions."""
+    from .autoencoders import VQVAE, read_run_config
+    from .data import load_dataset, pad_to_multiple, unpad
+    from .report import save_comparison
+
+    model = VQVAE.from_pretrained(run)
+    x = load_dataset(read_run_config(run)["data"]["uri"]).test[:n]
+    padded, pad = pad_to_multiple(x, model.cfg.downsample)
+    save_comparison(x, unpad(model.reconstruct(padded), pad), run / "recon.png")
+    return run / "recon.png"
+
+
+@app.command("eval")
+def evaluate(run: Path = RunArg,
+             as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Held-out PSNR, SSIM, MSE, perplexity and codebook usage of a trained run."""
+    from .autoencoders import VQVAE, read_run_config
+    from .data import load_dataset, pad_to_multiple
+    from .metrics import evaluate_autoencoder
+
+    model = VQVAE.from_pretrained(run)
+    test = load_dataset(read_run_config(run)["data"]["uri"]).test
+    figures = evaluate_autoencoder(model, pad_to_multiple(test, model.cfg.downsample)[0])
+    _print_figures(f"held-out figures of {run}", figures, as_json)
+
+
+@app.command()
+def reconstruct(run: Path = RunArg,
+                images: list[Path] = typer.Argument(..., help="Image files (PNG/JPEG, any size)."),
+                output: Path = typer.Option(..., "-o", "--output",
+                                            help="One input: the output image. Several: a directory.")) -> None:
+    """Encode and decode images; outputs have the inputs' size and channels."""
+    from .autoencoders import VQVAE
+    from .data import load_images, pad_to_multiple, save_image, unpad
+
+    model = VQVAE.from_pretrained(run)
+    inputs = _check_channels(load_images(images), model, images)
+    targets = _output_paths(images, output, ".png")
+    for x, target in zip(inputs, targets):
+        padded, pad = pad_to_multiple(x[None], model.cfg.downsample)
+        save_image(unpad(model.reconstruct(padded), pad)[0], target)
+        err.print(f"wrote {target}")
+
+
+@app.command()
+def encode(run: Path = RunArg,
+           images: list[Path] = typer.Argument(..., help="Image files (PNG/JPEG, any size)."),
+           output: Path = typer.Option(..., "-o", "--output", help="The .npz file of codes to write.")) -> None:
+    """Images -> integer code grids, saved as .npz (codes_0, codes_1, ... with names and paddings)."""
+    import numpy as np
+
+    from .autoencoders import VQVAE
+    from .data import load_images, pad_to_multiple
+
+    model = VQVAE.from_pretrained(run)
+    inputs = _check_channels(load_images(images), model, images)
+    arrays: dict[str, np.ndarray] = {"names": np.array([p.name for p in images]),
+                                     "channels": np.array(model.cfg.in_channels)}
+    for i, x in enumerate(inputs):
+        padded, pad = pad_to_multiple(x[None], model.cfg.downsample)
+        arrays[f"codes_{i}"] = model.encode(padded)[0].numpy().astype(np.int32)
+        arrays[f"pad_{i}"] = np.array(pad)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp.npz")
+    np.savez_compressed(tmp, **arrays)
+    tmp.replace(output)
+    shapes = ", ".join("x".join(map(str, arrays[f"codes_{i}"].shape)) for i in range(len(inputs)))
+    err.print(f"wrote {output}: {len(inputs)} code grid(s) of {shapes}, K={model.cfg.quantizer.codebook_size}")
+
+
+@app.command()
+def decode(run: Path = RunArg,
+           codes: Path = typer.Argument(..., help="A .npz file written by `vqvae encode`."),
+           output: Path = typer.Option(..., "-o", "--output", help="Directory for the decoded images.")) -> None:
+    """Code grids (.npz from `vqvae encode`) -> images, at the encoded images' sizes."""
+    import numpy as np
+    import torch
+
+    from .autoencoders import VQVAE
+    from .data import save_image, unpad
+    from .errors import DataError
+
+    model = VQVAE.from_pretrained(run)
+    K = model.cfg.quantizer.codebook_size
+    try:
+        with np.load(codes, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{codes}: not a codes file written by `vqvae encode` ({e})") from None
+    if "names" not in arrays:
+        raise DataError(f"{codes}: not a codes file written by `vqvae encode` (no 'names' entry)")
+    output.mkdir(parents=True, exist_ok=True)
+    for i, name in enumerate(arrays["names"]):
+        grid = arrays.get(f"codes_{i}")
+        if grid is None or grid.ndim != model.cfg.dims or grid.min() < 0 or grid.max() >= K:
+            raise DataError(f"{codes}: entry codes_{i} is missing or not a code grid with values in 0..{K - 1}")
+        x = unpad(model.decode(torch.from_numpy(grid.astype(np.int64))[None]).clamp(0, 1),
+                  tuple(int(v) for v in arrays[f"pad_{i}"]))
+        target = output / (Path(str(name)).stem + ".png")
+        save_image(x[0].detach(), target)
+        err.print(f"wrote {target}")
+
+
+def _check_channels(inputs: list, model, paths: list[Path]) -> list:
+    """Convert grayscale <-> RGB inputs to the model's channel count (luma / replicate)."""
+    C = model.cfg.in_channels
+    converted = []
+    for x in inputs:
+        if x.shape[0] != C:
+            x = x.mean(0, keepdim=True) if C == 1 else x.expand(C, *x.shape[1:])
+        converted.append(x)
+    return converted
+
+
+def _output_paths(inputs: list[Path], output: Path, suffix: str) -> list[Path]:
+    if len(inputs) == 1 and output.suffix:
+        return [output]
+    if output.exists() and not output.is_dir():
+        from .errors import DataError
+
+        raise DataError(f"{output}: exists and is not a directory; with several inputs -o must be a directory")
+    output.mkdir(parents=True, exist_ok=True)
+    return [output / (p.stem + suffix) for p in inputs]
+
+
+@app.command()
+def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory to write."),
+         seconds: float = typer.Option(170.0, help="Training time budget for the autoencoder."),
+         seed: int = typer.Option(0)) -> None:
+    """Train a VQ-VAE on the bundled MNIST digits and print its held-out figures."""
+    from .config import ModelConfig, TrainConfig
+    from .train import train_autoencoder
+
+    if (out_dir / "train_state.pt").exists():
+        import shutil
+
+        shutil.rmtree(out_dir)
+    tcfg = TrainConfig(data="mnist", steps=100_000, max_seconds=seconds, seed=seed)
+    figures = train_autoencoder(ModelConfig(), tcfg, out_dir, console=err)
+    recon = _write_recon(out_dir)
+    err.print(f"wrote {out_dir}/config.json, model.safetensors, metrics.jsonl, {recon}")
+    _print_figures("held-out MNIST (500 digits)", figures, False)
+
+
+def main() -> None:
+    """Entry point: run the app, turning boundary errors into one line and exit code 2."""
+    from .train import Stopped
+
+    try:
+        app(standalone_mode=False)
+    except VQVAEError as e:
+        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        sys.exit(2)
+    except Stopped as e:
+        err.print(str(e))
+        sys.exit(130)
+    except KeyboardInterrupt:
+        sys.exit(130)
+    except Exception as e:  # click's usage errors
+        import click
+
+        if isinstance(e, click.exceptions.ClickException):
+            e.show()
+            sys.exit(e.exit_code)
+        if isinstance(e, click.exceptions.Abort):
+            sys.exit(130)
+        raise
+
+
+if __name__ == "__main__":
+    main()

@@ -1,0 +1,164 @@
+"""Frozen configuration dataclasses: everything needed to rebuild a model, validated once.
+
+`to_dict` / `from_dict` round-trip through plain JSON values; unknown keys and values out of range
+raise `ConfigError` with a message naming the field and what is allowed.
+"""
+
+from __future__ import annotations
+
+import dataclasses
+import json
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+from .errors import ConfigError
+
+
+def _check(cond: bool, name: str, allowed: str, value: Any) -> None:
+    if not cond:
+        raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+
+
+@dataclass(frozen=True)
+class QuantizerConfig:
+    """Codebook of `codebook_size` vectors of size `code_dim` and how it is learned.
+
+    kind: "vq" (codebook learned by the gradient of |sg[z_e]-e|^2) or "ema" (exponential moving
+    averages of assigned encoder outputs, the paper's appendix). `kmeans_init` seeds the codebook by
+    k-means on the first batch of encoder outputs; `dead_code_steps` > 0 re-seeds codes unused for that
+    many steps from recent encoder outputs (0 disables).
+    """
+
+    codebook_size: int = 512
+    code_dim: int = 16
+    commitment_weight: float = 0.25
+    kind: str = "ema"
+    ema_decay: float = 0.99
+    ema_eps: float = 1e-5
+    kmeans_init: bool = True
+    kmeans_iters: int = 10
+    dead_code_steps: int = 50
+
+    def __post_init__(self) -> None:
+        _check(self.codebook_size >= 2, "codebook_size", "at least 2", self.codebook_size)
+        _check(self.codebook_size <= 65536, "codebook_size", "at most 65536", self.codebook_size)
+        _check(self.code_dim >= 1, "code_dim", "at least 1", self.code_dim)
+        _check(self.commitment_weight >= 0, "commitment_weight", ">= 0", self.commitment_weight)
+        _check(self.kind in ("vq", "ema"), "quantizer kind", "'vq' or 'ema'", self.kind)
+        _check(0 < self.ema_decay < 1, "ema_decay", "in (0, 1)", self.ema_decay)
+        _check(self.ema_eps > 0, "ema_eps", "> 0", self.ema_eps)
+        _check(self.kmeans_iters >= 0, "kmeans_iters", ">= 0", self.kmeans_iters)
+        _check(self.dead_code_steps >= 0, "dead_code_steps", ">= 0 (0 disables)", self.dead_code_steps)
+
+
+@dataclass(frozen=True)
+class ModelConfig:
+    """A VQ-VAE: conv encoder (downsampling by `downsample`), quantizer, mirrored decoder.
+
+    `dims` is 2 for images (B, C, H, W) and 1 for sequences (B, C, T).
+    """
+
+    in_channels: int = 1
+    hidden: int = 64
+    res_hidden: int = 32
+    res_blocks: int = 2
+    downsample: int = 4
+    dims: int = 2
+    quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+
+    def __post_init__(self) -> None:
+        _check(self.in_channels >= 1, "in_channels", "at least 1", self.in_channels)
+        _check(self.hidden >= 1, "hidden", "at least 1", self.hidden)
+        _check(self.res_hidden >= 1, "res_hidden", "at least 1", self.res_hidden)
+        _check(self.res_blocks >= 0, "res_blocks", ">= 0", self.res_blocks)
+        ok = self.downsample >= 1 and (self.downsample & (self.downsample - 1)) == 0
+        _check(ok, "downsample", "a power of 2 (1, 2, 4, 8, ...)", self.downsample)
+        _check(self.dims in (1, 2), "dims", "1 (sequences) or 2 (images)", self.dims)
+
+
+@dataclass(frozen=True)
+class PriorConfig:
+    """An autoregressive prior over raster-scanned code grids of shape `grid` with `codebook_size` codes.
+
+    arch: "transformer" (decoder-only, causal attention) or "pixelcnn" (gated, masked convolutions).
+    `num_classes` > 0 makes the prior class-conditional.
+    """
+
+    arch: str = "transformer"
+    codebook_size: int = 512
+    grid: tuple[int, ...] = (7, 7)
+    num_classes: int = 0
+    n_layer: int = 4
+    n_head: int = 4
+    n_embd: int = 128
+    dropout: float = 0.0
+
+    def __post_init__(self) -> None:
+        _check(self.arch in ("transformer", "pixelcnn"), "arch", "'transformer' or 'pixelcnn'", self.arch)
+        _check(self.codebook_size >= 2, "codebook_size", "at least 2", self.codebook_size)
+        object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
+        _check(len(self.grid) in (1, 2) and all(g >= 1 for g in self.grid), "grid", "1 or 2 positive sizes", self.grid)
+        _check(self.num_classes >= 0, "num_classes", ">= 0", self.num_classes)
+        _check(self.n_layer >= 1, "n_layer", "at least 1", self.n_layer)
+        _check(self.n_head >= 1 and self.n_embd % self.n_head == 0, "n_embd", "a multiple of n_head", self.n_embd)
+        _check(0 <= self.dropout < 1, "dropout", "in [0, 1)", self.dropout)
+
+
+@dataclass(frozen=True)
+class TrainConfig:
+    """How an autoencoder is trained: a step budget and/or a wall-clock budget, whichever ends first."""
+
+    data: str = "mnist"
+    steps: int = 6000
+    max_seconds: float = 0.0
+    batch_size: int = 32
+    lr: float = 1e-3
+    lr_min_ratio: float = 0.05
+    warmup_steps: int = 100
+    seed: int = 0
+    log_every: int = 50
+    checkpoint_every: int = 500
+    device: str = "auto"
+
+    def __post_init__(self) -> None:
+        _check(self.steps >= 1, "steps", "at least 1", self.steps)
+        _check(self.max_seconds >= 0, "max_seconds", ">= 0 (0: no limit)", self.max_seconds)
+        _check(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
+        _check(self.lr > 0, "lr", "> 0", self.lr)
+        _check(0 <= self.lr_min_ratio <= 1, "lr_min_ratio", "in [0, 1]", self.lr_min_ratio)
+        _check(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
+        _check(self.log_every >= 1, "log_every", "at least 1", self.log_every)
+        _check(self.checkpoint_every >= 1, "checkpoint_every", "at least 1", self.checkpoint_every)
+
+
+def to_dict(cfg: Any) -> dict:
+    """A dataclass config as plain JSON values (nested configs become dicts, tuples lists)."""
+    return json.loads(json.dumps(dataclasses.asdict(cfg)))
+
+
+def from_dict(cls: type, data: dict) -> Any:
+    """Rebuild a config of type `cls` from `to_dict` output; unknown keys are an error, not ignored."""
+    if not isinstance(data, dict):
+        raise ConfigError(f"{cls.__name__} must be a JSON object, got {type(data).__name__}")
+    names = {f.name: f for f in dataclasses.fields(cls)}
+    unknown = sorted(set(data) - set(names))
+    if unknown:
+        raise ConfigError(f"unknown {cls.__name__} field(s) {unknown}; allowed: {sorted(names)}")
+    kwargs = dict(data)
+    if cls is ModelConfig and "quantizer" in kwargs:
+        kwargs["quantizer"] = from_dict(QuantizerConfig, kwargs["quantizer"])
+    if cls is PriorConfig and "grid" in kwargs:
+        kwargs["grid"] = tuple(kwargs["grid"])
+    try:
+        return cls(**kwargs)
+    except TypeError as e:
+        raise ConfigError(f"bad {cls.__name__}: {e}") from None
+
+
+def write_json(path: str | Path, obj: dict) -> None:
+    """Write JSON atomically: a temp file next to `path`, then rename."""
+    path = Path(path)
+    tmp = path.with_name(path.name + ".tmp")
+    tmp.write_text(json.dumps(obj, indent=2) + "\n")
+    tmp.replace(path)

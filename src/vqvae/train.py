@@ -1,0 +1,239 @@
+"""One training loop for autoencoders and priors: optimizer, schedule, checkpoints, resume, metrics, progress.
+
+A run directory holds `model.safetensors` (weights, loadable alone), `train_state.pt` (optimizer, step,
+elapsed time, RNG: only for `--resume`, loaded with `weights_only=True`) and `metrics.jsonl`. Both
+checkpoint files are written to temp names and renamed, so a run killed at any moment resumes from its
+last checkpoint. Ctrl-C and SIGTERM save a checkpoint before exiting.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import signal
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable
+
+import torch
+from rich.console import Console
+from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
+
+from .config import TrainConfig
+from .errors import RunError
+
+STATE_NAME, METRICS_NAME = "train_state.pt", "metrics.jsonl"
+
+
+class Stopped(Exception):
+    """Training was interrupted (Ctrl-C or SIGTERM) after a checkpoint was written."""
+
+    def __init__(self, step: int):
+        super().__init__(f"stopped at step {step}; checkpoint saved, continue with --resume")
+        self.step = step
+
+
+def pick_device(name: str = "auto") -> torch.device:
+    """"auto" -> cuda if available, else mps, else cpu; otherwise the named device."""
+    if name != "auto":
+        return torch.device(name)
+    if torch.cuda.is_available():
+        return torch.device("cuda")
+    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+        return torch.device("mps")
+    return torch.device("cpu")
+
+
+def lr_factor(progress: float, warmup_fraction: float, min_ratio: float) -> float:
+    """Linear warmup then cosine decay to `min_ratio`, as a function of progress in [0, 1]."""
+    if progress < warmup_fraction:
+        return max(progress / warmup_fraction, 1e-3)
+    t = (progress - warmup_fraction) / max(1 - warmup_fraction, 1e-9)
+    return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
+
+
+@dataclass
+class Trainer:
+    """Minimises `loss_fn(model, batch) -> (loss, metrics)` over `next_batch(generator) -> batch`.
+
+    `save(dir)` writes the model's weights (e.g. `model.save_pretrained`); `fmt(metrics)` renders the
+    progress bar's live figures. Stops at `cfg.steps` or after `cfg.max_seconds`, whichever is first.
+    """
+
+    model: torch.nn.Module
+    cfg: TrainConfig
+    out_dir: Path
+    next_batch: Callable[[torch.Generator], object]
+    loss_fn: Callable[[torch.nn.Module, object], tuple[torch.Tensor, dict]]
+    save: Callable[[Path], None]
+    fmt: Callable[[dict], str] = lambda m: f"loss {m.get('loss', float('nan')):.4f}"
+    console: Console = field(default_factory=lambda: Console(stderr=True))
+    show_progress: bool = True
+    name: str = "train"
+    step: int = 0
+    elapsed: float = 0.0
+
+    def __post_init__(self) -> None:
+        self.out_dir = Path(self.out_dir)
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
+        self.generator = torch.Generator().manual_seed(self.cfg.seed)
+
+    # -- checkpoints -------------------------------------------------------------------------------
+    def checkpoint(self) -> None:
+        self.save(self.out_dir)
+        state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "elapsed": self.elapsed,
+                 "torch_rng": torch.get_rng_state(), "batch_rng": self.generator.get_state()}
+        tmp = self.out_dir / (STATE_NAME + ".tmp")
+        torch.save(state, tmp)
+        tmp.replace(self.out_dir / STATE_NAME)
+
+    def resume(self) -> None:
+        """Restore optimizer, step, elapsed time and RNG from the run's `train_state.pt`."""
+        path = self.out_dir / STATE_NAME
+        if not path.is_file():
+            raise RunError(f"{path}: missing; nothing to resume (train without --resume to start afresh)")
+        state = torch.load(path, map_location="cpu", weights_only=True)
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
+        torch.set_rng_state(state["torch_rng"])
+        self.generator.set_state(state["batch_rng"])
+        self._truncate_metrics()
+
+    def _truncate_metrics(self) -> None:
+        """Drop logged lines past the checkpoint's step, so a resumed log has no duplicate steps."""
+        path = self.out_dir / METRICS_NAME
+        if path.is_file():
+            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
+            keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.step]
+            path.write_text("".join(ln + "\n" for ln in keep))
+
+    def progress_fraction(self) -> float:
+        by_steps = self.step / self.cfg.steps
+        by_time = self.elapsed / self.cfg.max_seconds if self.cfg.max_seconds > 0 else 0.0
+        return min(max(by_steps, by_time), 1.0)
+
+    # -- the loop ----------------------------------------------------------------------------------
+    def fit(self) -> dict:
+        """Train to the budget; returns the last logged metrics. Raises `Stopped` on Ctrl-C / SIGTERM."""
+        cfg, model = self.cfg, self.model
+        warmup = min(cfg.warmup_steps / cfg.steps, 0.5)
+        log = open(self.out_dir / METRICS_NAME, "a")
+        previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
+        running: dict[str, float] = {}
+        last: dict = {}
+        columns = [TextColumn(f"[bold]{self.name}"), BarColumn(), TextColumn("step {task.fields[step]}"),
+                   TextColumn("{task.fields[live]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+        try:
+            with Progress(*columns, console=self.console, disable=not self.show_progress, transient=False) as bar:
+                task = bar.add_task(self.name, total=1000, completed=1000 * self.progress_fraction(),
+                                    step=self.step, live="")
+                model.train()
+                while self.progress_fraction() < 1.0:
+                    t0 = time.perf_counter()
+                    for group in self.optimizer.param_groups:
+                        group["lr"] = cfg.lr * lr_factor(self.progress_fraction(), warmup, cfg.lr_min_ratio)
+                    loss, metrics = self.loss_fn(model, self.next_batch(self.generator))
+                    self.optimizer.zero_grad(set_to_none=True)
+                    loss.backward()
+                    self.optimizer.step()
+                    self.step += 1
+                    self.elapsed += time.perf_counter() - t0
+                    for k, v in {"loss": loss.detach(), **metrics}.items():
+                        running[k] = running.get(k, 0.0) + float(v)
+                    if self.step % cfg.log_every == 0 or self.progress_fraction() >= 1.0:
+                        n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
+                        last = {k: v / n for k, v in running.items()}
+                        running.clear()
+                        record = {"step": self.step, "time": round(self.elapsed, 3),
+                                  "lr": self.optimizer.param_groups[0]["lr"], **last}
+                        log.write(json.dumps(record) + "\n")
+                        log.flush()
+                        bar.update(task, live=self.fmt(last))
+                    if self.step % cfg.checkpoint_every == 0:
+                        self.checkpoint()
+                    bar.update(task, completed=1000 * self.progress_fraction(), step=self.step)
+                self.checkpoint()
+        except KeyboardInterrupt:
+            self.checkpoint()
+            raise Stopped(self.step) from None
+        finally:
+            log.close()
+            if previous is not None:
+                signal.signal(signal.SIGTERM, previous)
+        model.eval()
+        return last
+
+
+def _raise_interrupt(signum, frame):
+    raise KeyboardInterrupt
+
+
+def _main_thread() -> bool:
+    import threading
+
+    return threading.current_thread() is threading.main_thread()
+
+
+# -- autoencoders --------------------------------------------------------------------------------------
+def train_autoencoder(model_cfg, train_cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
+                      show_progress: bool = True, console: Console | None = None) -> dict:
+    """Train a VQ-VAE on `train_cfg.data` into run directory `out_dir`; returns held-out metrics.
+
+    With `resume`, the model, optimizer and budget continue from the run's last checkpoint (the run's own
+    `config.json` wins over the arguments, so a resumed run is the same run).
+    """
+    from .autoencoders import VQVAE, read_run_config
+    from .config import ModelConfig, from_dict, to_dict
+    from .data import load_dataset
+    from .metrics import evaluate_autoencoder
+
+    out_dir = Path(out_dir)
+    if resume:
+        saved = read_run_config(out_dir)
+        model_cfg = from_dict(ModelConfig, saved["model"])
+        train_cfg = from_dict(TrainConfig, saved["train"])
+    elif (out_dir / STATE_NAME).exists():
+        raise RunError(f"{out_dir}: already holds a run; pass --resume to continue it or choose another --out")
+    torch.manual_seed(train_cfg.seed)
+    device = pick_device(train_cfg.device)
+    data = load_dataset(train_cfg.data, seed=train_cfg.seed)
+    train_x = data.train
+    if any(s % model_cfg.downsample for s in train_x.shape[2:]):
+        from .data import pad_to_multiple
+
+        train_x, _ = pad_to_multiple(train_x, model_cfg.downsample)
+    if data.channels != model_cfg.in_channels:
+        from dataclasses import replace
+
+        model_cfg = replace(model_cfg, in_channels=data.channels)
+    model = VQVAE(model_cfg).to(device)
+    extra = {"train": to_dict(train_cfg),
+             "data": {"uri": data.uri, "channels": data.channels, "image_size": list(data.image_size),
+                      "num_classes": data.num_classes}}
+    if resume:
+        model = VQVAE.from_pretrained(out_dir, device=device)
+    train_x = train_x.to(device)
+
+    def next_batch(gen: torch.Generator) -> torch.Tensor:
+        idx = torch.randint(train_x.shape[0], (train_cfg.batch_size,), generator=gen)
+        return train_x[idx.to(device)]
+
+    def loss_fn(m, x):
+        out = m(x)
+        return out.loss, out.metrics
+
+    def fmt(m: dict) -> str:
+        psnr = 10 * math.log10(1 / max(m["mse"], 1e-10))
+        return f"loss {m['loss']:.4f}  PSNR {psnr:5.2f} dB  perplexity {m['perplexity']:6.1f}"
+
+    trainer = Trainer(model, train_cfg, out_dir, next_batch, loss_fn, lambda d: model.save_pretrained(d, extra),
+                      fmt=fmt, show_progress=show_progress, console=console or Console(stderr=True))
+    if resume:
+        trainer.resume()
+    else:
+        (out_dir / METRICS_NAME).unlink(missing_ok=True)
+        model.save_pretrained(out_dir, extra)
+    trainer.fit()
+    return evaluate_autoencoder(model, data.test)

@@ -1,0 +1,190 @@
+import math
+
+import pytest
+import torch
+import torch.nn.functional as F
+
+from vqvae.quantizers import EMAVectorQuantizer, VectorQuantizer, _kmeans, nearest_codes
+
+
+def brute_force_distances(z, codebook):
+    return torch.cdist(z.double(), codebook.double()).pow(2)  # (N, K)
+
+
+@pytest.mark.parametrize("K", [2, 3, 17, 512, 1000, 8192])
+@pytest.mark.parametrize("D", [1, 16, 64])
+def test_nearest_codes_match_brute_force(K, D):
+    gen = torch.Generator().manual_seed(K * 100 + D)
+    z = torch.randn(700, D, generator=gen)
+    codebook = torch.randn(K, D, generator=gen)
+    fast = nearest_codes(z, codebook)
+    dist = brute_force_distances(z, codebook)
+    reference = dist.argmin(1)
+    # Same index, or an exact tie up to float32 rounding of the distance (both are nearest).
+    chosen = dist.gather(1, fast[:, None]).squeeze(1)
+    best = dist.gather(1, reference[:, None]).squeeze(1)
+    assert torch.allclose(chosen, best, rtol=1e-5, atol=1e-5)
+    if D >= 16:  # in 1-D, thousands of codes make float32 near-ties common; in 16-D they are rare
+        assert (fast == reference).float().mean() > 0.99
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 10_000])
+def test_chunking_does_not_change_codes(chunk_rows):
+    gen = torch.Generator().manual_seed(0)
+    z, codebook = torch.randn(300, 8, generator=gen), torch.randn(50, 8, generator=gen)
+    assert torch.equal(nearest_codes(z, codebook, chunk_rows), nearest_codes(z, codebook, 300))
+
+
+def test_forward_shapes_and_values():
+    vq = VectorQuantizer(10, 4)
+    z_e = torch.randn(2, 4, 3, 5)
+    q = vq(z_e)
+    assert q.z_q.shape == z_e.shape and q.codes.shape == (2, 3, 5) and q.codes.dtype == torch.long
+    flat = z_e.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert torch.equal(q.codes.reshape(-1), brute_force_distances(flat, vq.codebook).argmin(1))
+    # z_q holds the chosen codebook vectors at each position
+    assert torch.allclose(q.z_q.permute(0, 2, 3, 1), vq.codebook[q.codes])
+    # 1-D latents (B, D, T) give codes (B, T)
+    assert vq(torch.randn(3, 4, 11)).codes.shape == (3, 11)
+
+
+def test_straight_through_gradient_and_loss_formula():
+    torch.manual_seed(0)
+    beta = 0.37
+    vq = VectorQuantizer(8, 3, commitment_weight=beta)
+    z_e = torch.randn(2, 3, 4, 4, requires_grad=True)
+    q = vq(z_e)
+    e = vq.codebook[q.codes].permute(0, 3, 1, 2)  # (B, D, H, W)
+    expected = ((z_e.detach() - e.detach()) ** 2).mean() * (1 + beta)
+    assert torch.allclose(q.loss, expected)
+    # Straight-through: the encoder receives exactly the gradient that arrives at z_q.
+    upstream = torch.randn_like(z_e)
+    (grad_z,) = torch.autograd.grad((q.z_q * upstream).sum(), z_e, retain_graph=True)
+    assert torch.equal(grad_z, upstream)
+    # The codebook gets nothing through z_q ...
+    assert torch.autograd.grad((q.z_q * upstream).sum(), vq.codebook, allow_unused=True)[0] is None or \
+        torch.count_nonzero(torch.autograd.grad((q.z_q * upstream).sum(), vq.codebook, allow_unused=True)[0]) == 0
+
+
+def test_beta_scales_only_the_commitment_term():
+    torch.manual_seed(1)
+    z = torch.randn(4, 3, 2, 2)
+    grads = {}
+    for beta in (0.0, 1.0):
+        vq = VectorQuantizer(6, 3, commitment_weight=beta)
+        vq.codebook.data = torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
+        z_e = z.clone().requires_grad_()
+        q = vq(z_e)
+        g_z, g_e = torch.autograd.grad(q.loss, [z_e, vq.codebook])
+        grads[beta] = (g_z, g_e)
+    # codebook gradient does not depend on beta; the encoder gets only beta * commitment gradient
+    assert torch.allclose(grads[0.0][1], grads[1.0][1])
+    assert torch.count_nonzero(grads[0.0][0]) == 0
+    # codebook gradient = d/de mean((e - sg z)^2), nonzero only at selected codes
+    vq = VectorQuantizer(6, 3, commitment_weight=1.0)
+    vq.codebook.data = torch.randn(6, 3, generator=torch.Generator().manual_seed(2))
+    q = vq(z)
+    flat = z.permute(0, 2, 3, 1).reshape(-1, 3)
+    codes = q.codes.reshape(-1)
+    expected = torch.zeros(6, 3).index_add_(0, codes, 2 * (vq.codebook.data[codes] - flat) / flat.numel())
+    assert torch.allclose(grads[1.0][1], expected, atol=1e-6)
+    unused = torch.ones(6, dtype=torch.bool)
+    unused[codes] = False
+    assert torch.count_nonzero(grads[1.0][1][unused]) == 0
+
+
+def test_stats_perplexity_and_usage():
+    vq = VectorQuantizer(4, 1)
+    vq.codebook.data = torch.tensor([[0.0], [10.0], [20.0], [30.0]])
+    z = torch.tensor([0.1, 0.2, 9.9, 10.1]).view(1, 1, 4)  # codes 0, 0, 1, 1
+    q = vq(z)
+    assert torch.equal(q.codes, torch.tensor([[0, 0, 1, 1]]))
+    assert math.isclose(float(q.stats["perplexity"]), 2.0, rel_tol=1e-5)
+    assert math.isclose(float(q.stats["usage"]), 0.5)
+
+
+def test_ema_update_matches_hand_computation():
+    decay, eps, K = 0.9, 1e-5, 3
+    vq = EMAVectorQuantizer(K, 2, decay=decay, eps=eps)
+    vq.codebook.copy_(torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]))
+    vq.embed_sum.copy_(vq.codebook)
+    vq.cluster_size.fill_(1.0)
+    z = torch.tensor([[1.0, 0.0], [-1.0, 2.0], [9.0, 1.0]])  # codes 0, 0, 1; code 2 unused
+    vq.train()
+    q = vq(z.t()[None])  # (1, 2, 3)
+    assert q.codes.tolist() == [[0, 0, 1]]
+    n_k = torch.tensor([2.0, 1.0, 0.0])
+    m_k = torch.tensor([[0.0, 2.0], [9.0, 1.0], [0.0, 0.0]])
+    N = decay * torch.ones(3) + (1 - decay) * n_k
+    M = decay * torch.tensor([[0.0, 0.0], [10.0, 0.0], [0.0, 10.0]]) + (1 - decay) * m_k
+    total = N.sum()
+    smoothed = (N + eps) / (total + K * eps) * total
+    assert torch.allclose(vq.cluster_size, N)
+    assert torch.allclose(vq.codebook, M / smoothed[:, None], atol=1e-6)
+    # the EMA quantizer's loss is the commitment term alone, with no codebook gradient
+    assert torch.allclose(q.loss, 0.25 * F.mse_loss(z, torch.tensor([[0.0, 0.0], [0.0, 0.0], [10.0, 0.0]])))
+    # eval mode changes nothing
+    before = vq.codebook.clone()
+    vq.eval()
+    vq(z.t()[None])
+    assert torch.equal(vq.codebook, before)
+
+
+def test_kmeans_init_finds_clusters():
+    gen = torch.Generator().manual_seed(0)
+    centres = torch.tensor([[5.0, 5.0], [-5.0, 5.0], [0.0, -5.0]])
+    points = centres.repeat_interleave(200, 0) + 0.1 * torch.randn(600, 2, generator=gen)
+    torch.manual_seed(3)
+    vq = VectorQuantizer(3, 2, kmeans_init=True, kmeans_iters=20)
+    assert not bool(vq.initialized)
+    vq.train()
+    vq(points.t()[None])
+    assert bool(vq.initialized)
+    # each true centre has a code within 0.1 of it
+    d = torch.cdist(centres, vq.codebook.detach())
+    assert (d.min(1).values < 0.1).all()
+    # and a second batch does not re-initialise
+    snapshot = vq.codebook.detach().clone()
+    vq(torch.randn(1, 2, 50) * 100)
+    assert torch.equal(vq.codebook.detach(), snapshot)
+
+
+def test_kmeans_lowers_distortion_against_random_pick():
+    gen = torch.Generator().manual_seed(1)
+    x = torch.randn(2000, 4, generator=gen)
+    def distortion(c):
+        return brute_force_distances(x, c).min(1).values.mean()
+    init = _kmeans(x, 32, 0, generator=torch.Generator().manual_seed(0))
+    fitted = _kmeans(x, 32, 15, generator=torch.Generator().manual_seed(0))
+    assert distortion(fitted) < 0.8 * distortion(init)
+
+
+@pytest.mark.parametrize("cls", [VectorQuantizer, EMAVectorQuantizer])
+def test_dead_codes_restart_from_encoder_outputs(cls):
+    torch.manual_seed(0)
+    vq = cls(8, 2, dead_code_steps=3)
+    vq.train()
+    with torch.no_grad():
+        vq.codebook.data.copy_(torch.randn(8, 2) * 0.01) if cls is VectorQuantizer else vq.codebook.copy_(torch.randn(8, 2) * 0.01)
+    far = torch.randn(1, 2, 64) + 100.0  # all data far away: a couple of codes win everything
+    used = torch.zeros(8, dtype=torch.bool)
+    for step in range(2):
+        used[vq(far).codes.unique()] = True
+    assert (vq.codebook.detach()[~used].norm(dim=1) < 1).all()  # not yet restarted
+    used[vq(far).codes.unique()] = True  # third step without use: dead codes re-seeded from these outputs
+    codebook = vq.codebook.detach()
+    assert used.sum() <= 2
+    assert (codebook[~used].norm(dim=1) > 50).all(), codebook
+    # every restarted code is one of the batch's vectors
+    d = (codebook[~used][:, None] - far[0].t()[None]).norm(dim=-1).min(1).values
+    assert (d < 1e-4).all()
+    assert (vq.unused_steps < 3).all()
+
+
+def test_dead_code_restart_disabled_by_zero():
+    vq = VectorQuantizer(8, 2, dead_code_steps=0)
+    vq.train()
+    before = vq.codebook.detach().clone()
+    for _ in range(5):
+        vq(torch.randn(1, 2, 16) + 100)
+    assert torch.equal(vq.codebook.detach(), before)
