@@ -54,6 +54,8 @@ def train(
     downsample: int = typer.Option(4, help="Downsampling factor (power of 2): 28x28 -> 7x7 at 4."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    checkpoint_every: int = typer.Option(500, help="Write a checkpoint every this many steps."),
+    log_every: int = typer.Option(50, help="Append to metrics.jsonl every this many steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     as_json: bool = typer.Option(False, "--json", help="Print held-out figures as one JSON object."),
 ) -> None:
@@ -66,7 +68,7 @@ def train(
     mcfg = ModelConfig(hidden=hidden, res_hidden=res_hidden, res_blocks=res_blocks, downsample=downsample,
                        quantizer=qcfg)
     tcfg = TrainConfig(data=data, steps=steps, max_seconds=max_seconds, batch_size=batch_size, lr=lr,
-                       seed=seed, device=device)
+                       seed=seed, device=device, checkpoint_every=checkpoint_every, log_every=log_every)
     figures = train_autoencoder(mcfg, tcfg, out_dir, resume=resume, console=err)
     _write_recon(out_dir)
     err.print(f"wrote {out_dir}/config.json, model.safetensors, metrics.jsonl, recon.png")
@@ -218,30 +220,29 @@ def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Run dire
     _print_figures("held-out MNIST (500 digits)", figures, False)
 
 
-def main() -> None:
-    """Entry point: run the app, turning boundary errors into one line and exit code 2."""
+def main(argv: list[str] | None = None) -> int:
+    """Entry point: run the app; boundary errors become one line on stderr and exit code 2."""
     from .train import Stopped
 
     try:
-        app(standalone_mode=False)
+        app(args=argv, standalone_mode=False)
     except VQVAEError as e:
         err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
-        sys.exit(2)
+        return 2
     except Stopped as e:
         err.print(str(e))
-        sys.exit(130)
-    except KeyboardInterrupt:
-        sys.exit(130)
-    except Exception as e:  # click's usage errors
-        import click
-
-        if isinstance(e, click.exceptions.ClickException):
+        return 130
+    except (typer.Abort, KeyboardInterrupt):
+        return 130
+    except typer.Exit as e:
+        return e.exit_code
+    except Exception as e:
+        if hasattr(e, "show") and hasattr(e, "exit_code"):  # usage errors: unknown option, missing argument
             e.show()
-            sys.exit(e.exit_code)
-        if isinstance(e, click.exceptions.Abort):
-            sys.exit(130)
+            return e.exit_code
         raise
+    return 0
 
 
 if __name__ == "__main__":
-    main()
+    sys.exit(main())

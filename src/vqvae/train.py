@@ -11,8 +11,9 @@ from __future__ import annotations
 import json
 import math
 import signal
+import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
@@ -20,8 +21,11 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .config import TrainConfig
+from .autoencoders import VQVAE, read_run_config
+from .config import ModelConfig, TrainConfig, from_dict, to_dict
+from .data import load_dataset, pad_to_multiple
 from .errors import RunError
+from .metrics import evaluate_autoencoder
 
 STATE_NAME, METRICS_NAME = "train_state.pt", "metrics.jsonl"
 
@@ -115,18 +119,37 @@ class Trainer:
         return min(max(by_steps, by_time), 1.0)
 
     # -- the loop ----------------------------------------------------------------------------------
+    def request_stop(self) -> None:
+        """Ask the loop to checkpoint and stop at the end of the current step (what Ctrl-C and SIGTERM do)."""
+        self._stop_requested = True
+
+    def _on_signal(self, signum, frame) -> None:
+        if self._stop_requested:  # a second Ctrl-C: stop now, the last checkpoint stands
+            raise KeyboardInterrupt
+        self.request_stop()
+        self.console.print("stopping after this step (again to abort without saving)...")
+
     def fit(self) -> dict:
-        """Train to the budget; returns the last logged metrics. Raises `Stopped` on Ctrl-C / SIGTERM."""
+        """Train to the budget; returns the last logged metrics. Raises `Stopped` on Ctrl-C / SIGTERM.
+
+        A stop request is honoured between steps, so the checkpoint it writes is a consistent state
+        from which `resume` continues exactly as if never stopped.
+        """
         cfg, model = self.cfg, self.model
         warmup = min(cfg.warmup_steps / cfg.steps, 0.5)
-        log = open(self.out_dir / METRICS_NAME, "a")
-        previous = signal.signal(signal.SIGTERM, _raise_interrupt) if _main_thread() else None
-        running: dict[str, float] = {}
+        self._stop_requested = False
+        handlers = {}
+        if threading.current_thread() is threading.main_thread():
+            for sig in (signal.SIGINT, signal.SIGTERM):
+                handlers[sig] = signal.signal(sig, self._on_signal)
+        running: dict[str, float] = {}  # sums of the metrics since the last logged step
+        count = 0
         last: dict = {}
         columns = [TextColumn(f"[bold]{self.name}"), BarColumn(), TextColumn("step {task.fields[step]}"),
                    TextColumn("{task.fields[live]}"), TimeElapsedColumn(), TimeRemainingColumn()]
         try:
-            with Progress(*columns, console=self.console, disable=not self.show_progress, transient=False) as bar:
+            with open(self.out_dir / METRICS_NAME, "a") as log, \
+                    Progress(*columns, console=self.console, disable=not self.show_progress) as bar:
                 task = bar.add_task(self.name, total=1000, completed=1000 * self.progress_fraction(),
                                     step=self.step, live="")
                 model.train()
@@ -142,53 +165,38 @@ class Trainer:
                     self.elapsed += time.perf_counter() - t0
                     for k, v in {"loss": loss.detach(), **metrics}.items():
                         running[k] = running.get(k, 0.0) + float(v)
-                    if self.step % cfg.log_every == 0 or self.progress_fraction() >= 1.0:
-                        n = cfg.log_every if self.step % cfg.log_every == 0 else self.step % cfg.log_every
-                        last = {k: v / n for k, v in running.items()}
+                    count += 1
+                    if self.step % cfg.log_every == 0 or self.progress_fraction() >= 1.0 or self._stop_requested:
+                        last = {k: v / count for k, v in running.items()}
                         running.clear()
+                        count = 0
                         record = {"step": self.step, "time": round(self.elapsed, 3),
                                   "lr": self.optimizer.param_groups[0]["lr"], **last}
                         log.write(json.dumps(record) + "\n")
                         log.flush()
                         bar.update(task, live=self.fmt(last))
+                    bar.update(task, completed=1000 * self.progress_fraction(), step=self.step)
+                    if self._stop_requested:
+                        self.checkpoint()
+                        raise Stopped(self.step)
                     if self.step % cfg.checkpoint_every == 0:
                         self.checkpoint()
-                    bar.update(task, completed=1000 * self.progress_fraction(), step=self.step)
                 self.checkpoint()
-        except KeyboardInterrupt:
-            self.checkpoint()
-            raise Stopped(self.step) from None
         finally:
-            log.close()
-            if previous is not None:
-                signal.signal(signal.SIGTERM, previous)
+            for sig, handler in handlers.items():
+                signal.signal(sig, handler)
         model.eval()
         return last
 
 
-def _raise_interrupt(signum, frame):
-    raise KeyboardInterrupt
-
-
-def _main_thread() -> bool:
-    import threading
-
-    return threading.current_thread() is threading.main_thread()
-
-
 # -- autoencoders --------------------------------------------------------------------------------------
-def train_autoencoder(model_cfg, train_cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
+def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
                       show_progress: bool = True, console: Console | None = None) -> dict:
     """Train a VQ-VAE on `train_cfg.data` into run directory `out_dir`; returns held-out metrics.
 
     With `resume`, the model, optimizer and budget continue from the run's last checkpoint (the run's own
     `config.json` wins over the arguments, so a resumed run is the same run).
     """
-    from .autoencoders import VQVAE, read_run_config
-    from .config import ModelConfig, from_dict, to_dict
-    from .data import load_dataset
-    from .metrics import evaluate_autoencoder
-
     out_dir = Path(out_dir)
     if resume:
         saved = read_run_config(out_dir)
@@ -199,14 +207,8 @@ def train_autoencoder(model_cfg, train_cfg: TrainConfig, out_dir: str | Path, re
     torch.manual_seed(train_cfg.seed)
     device = pick_device(train_cfg.device)
     data = load_dataset(train_cfg.data, seed=train_cfg.seed)
-    train_x = data.train
-    if any(s % model_cfg.downsample for s in train_x.shape[2:]):
-        from .data import pad_to_multiple
-
-        train_x, _ = pad_to_multiple(train_x, model_cfg.downsample)
+    train_x, _ = pad_to_multiple(data.train, model_cfg.downsample)
     if data.channels != model_cfg.in_channels:
-        from dataclasses import replace
-
         model_cfg = replace(model_cfg, in_channels=data.channels)
     model = VQVAE(model_cfg).to(device)
     extra = {"train": to_dict(train_cfg),
@@ -236,4 +238,4 @@ def train_autoencoder(model_cfg, train_cfg: TrainConfig, out_dir: str | Path, re
         (out_dir / METRICS_NAME).unlink(missing_ok=True)
         model.save_pretrained(out_dir, extra)
     trainer.fit()
-    return evaluate_autoencoder(model, data.test)
+    return evaluate_autoencoder(model, pad_to_multiple(data.test, model_cfg.downsample)[0])

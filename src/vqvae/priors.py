@@ -1,0 +1,504 @@
+"""Autoregressive priors over code grids: a causal transformer and a gated PixelCNN.
+
+Key: B batch, K codebook size, H W code grid (a 1-D grid of T codes is treated as H=1, W=T),
+L = H*W sequence length (raster order: row by row, left to right), C channels (n_embd),
+nh heads, hs head size (C / nh).
+
+Both priors share one interface (the `Prior` base class):
+    logits(codes, cond)    (B, *grid) int64 -> (B, K, *grid); logits at a position see only earlier codes
+    log_prob(codes, cond)  -> (B,) natural-log likelihood of each grid
+    loss(codes, cond)      -> scalar mean cross-entropy in nats per latent (what a trainer minimises)
+    sample(n, cond, temperature, top_k, generator) -> (n, *grid) int64
+    start(batch, cond) -> DecodeState;  step(state, prev_codes) -> (logits (B, K), state)
+The step API decodes one position at a time; the transformer keeps a key/value cache so the prefix is
+never recomputed. The entropy coder drives it on both sides: see `Prior.step` for the contract.
+"""
+
+from __future__ import annotations
+
+import contextlib
+import json
+import math
+from dataclasses import dataclass
+from pathlib import Path
+
+import torch
+import torch.nn.functional as F
+from einops import rearrange
+from safetensors.torch import load_file, save_file
+from torch import Tensor, nn
+
+from .config import PriorConfig, from_dict, to_dict, write_json
+from .errors import RunError
+
+CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+
+__all__ = [
+    "DecodeState", "Prior", "TransformerPrior", "PixelCNNPrior",
+    "build_prior", "load_prior", "nll_bits", "sample_from_logits",
+]
+
+
+@dataclass
+class DecodeState:
+    """Where a step-by-step decode stands; made by `Prior.start`, advanced by `Prior.step`.
+
+    pos: the position (0..L) whose logits the next `step` returns.
+    cond: (B,) int64 class labels, or None for an unconditional prior.
+    buffer: the prior's working memory, allocated once by `start` and written in place:
+        TransformerPrior: keys and values of every layer, (n_layer, 2, B, nh, L, hs);
+        PixelCNNPrior: the codes decoded so far, (B, H, W), zeros from `pos` on.
+    """
+
+    pos: int
+    cond: Tensor | None
+    buffer: Tensor
+
+
+def sample_from_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
+                       generator: torch.Generator | None = None) -> Tensor:
+    """Draw one code per row of `logits` (B, K) -> (B,) int64.
+
+    temperature == 0 is greedy (argmax); top_k keeps only the k largest logits before sampling.
+    `generator` (on the logits' device) makes the draw reproducible.
+    """
+    if temperature < 0:
+        raise ValueError(f"temperature must be >= 0, got {temperature}")
+    if top_k is not None and top_k < 1:
+        raise ValueError(f"top_k must be None or at least 1, got {top_k}")
+    if temperature == 0:
+        return logits.argmax(dim=-1)
+    logits = logits.float() / temperature
+    if top_k is not None and top_k < logits.size(-1):
+        kth = torch.topk(logits, top_k, dim=-1).values[:, -1:]  # (B, 1)
+        logits = logits.masked_fill(logits < kth, float("-inf"))
+    probs = F.softmax(logits, dim=-1)
+    return torch.multinomial(probs, 1, generator=generator).squeeze(1)
+
+
+@contextlib.contextmanager
+def _eval_mode(module: nn.Module):
+    """Run a block in eval mode (no dropout) and restore the module's mode afterwards."""
+    was_training = module.training
+    module.eval()
+    try:
+        yield
+    finally:
+        module.train(was_training)
+
+
+class Prior(nn.Module):
+    """Base of the priors: everything that does not depend on the architecture.
+
+    Subclasses implement `logits`, `start` and `step`; `log_prob`, `loss`, `sample` and the
+    `save_pretrained` / `from_pretrained` pair are shared.
+    """
+
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.cfg = cfg
+        self.seq_len = math.prod(cfg.grid)  # L
+        self.hw = (1, cfg.grid[0]) if len(cfg.grid) == 1 else cfg.grid  # (H, W)
+
+    # --- arch-specific ---------------------------------------------------------------------------
+    def logits(self, codes: Tensor, cond: Tensor | None = None) -> Tensor:
+        """codes (B, *grid) int64 -> logits (B, K, *grid); position t depends only on codes before t."""
+        raise NotImplementedError
+
+    def start(self, batch: int, cond: Tensor | None = None) -> DecodeState:
+        """Begin a step-by-step decode of `batch` grids; nothing is computed yet."""
+        raise NotImplementedError
+
+    def step(self, state: DecodeState, prev_codes: Tensor | None) -> tuple[Tensor, DecodeState]:
+        """Feed the code chosen at position `state.pos - 1` and get the logits of position `state.pos`.
+
+        prev_codes: (B,) int64, or None on the first call (position 0 has no previous code).
+        Returns (logits (B, K) float32, state) with state.pos advanced by one; the state is updated in
+        place and returned for convenience. L calls decode a whole grid: step(s, None), step(s, c_0),
+        ..., step(s, c_{L-2}).
+        Contract for the entropy coder: for the same weights, device, batch size, cond and codes fed in
+        the same order, the logits are bit-identical from run to run, so encoder and decoder must both
+        use this API (not `logits`, whose full pass rounds differently in the last bits). Requires eval
+        mode when dropout > 0.
+        """
+        raise NotImplementedError
+
+    # --- shared ----------------------------------------------------------------------------------
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def _check_codes(self, codes: Tensor) -> None:
+        if codes.dtype != torch.long or tuple(codes.shape[1:]) != self.cfg.grid:
+            raise ValueError(f"codes must be int64 of shape (B, {', '.join(map(str, self.cfg.grid))}), "
+                             f"got {codes.dtype} {tuple(codes.shape)}")
+
+    def _check_cond(self, cond: Tensor | None, batch: int) -> Tensor | None:
+        """Validate class labels against the config: required iff num_classes > 0, shape (B,)."""
+        if self.cfg.num_classes == 0:
+            if cond is not None:
+                raise ValueError("this prior is unconditional (num_classes=0): pass cond=None")
+            return None
+        if cond is None:
+            raise ValueError(f"this prior is class-conditional: pass cond, (B,) int64 labels in "
+                             f"[0, {self.cfg.num_classes})")
+        cond = torch.as_tensor(cond, device=self.device)
+        if cond.dtype != torch.long or cond.shape != (batch,):
+            raise ValueError(f"cond must be int64 of shape ({batch},), got {cond.dtype} {tuple(cond.shape)}")
+        return cond
+
+    def _check_decode(self, batch: int, cond: Tensor | None) -> Tensor | None:
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        if self.training and self.cfg.dropout > 0:
+            raise RuntimeError("call prior.eval() before decoding: dropout would make step() random")
+        cond = self._check_cond(cond, batch)
+        if cond is not None and not bool(((cond >= 0) & (cond < self.cfg.num_classes)).all()):
+            raise ValueError(f"cond labels must be in [0, {self.cfg.num_classes}), got {cond.tolist()}")
+        return cond
+
+    def _advance(self, state: DecodeState, prev_codes: Tensor | None) -> None:
+        """Check that `prev_codes` fits the state (None exactly at position 0)."""
+        if state.pos >= self.seq_len:
+            raise RuntimeError(f"decode finished: all {self.seq_len} positions were returned")
+        if (prev_codes is None) != (state.pos == 0):
+            raise ValueError("prev_codes must be None on the first step and (B,) int64 codes after it")
+
+    def log_prob(self, codes: Tensor, cond: Tensor | None = None) -> Tensor:
+        """codes (B, *grid) int64 -> (B,) log-likelihood in nats, summed over the grid."""
+        nll = F.cross_entropy(self.logits(codes, cond).float(), codes, reduction="none")  # (B, *grid)
+        return -nll.flatten(1).sum(1)
+
+    def loss(self, codes: Tensor, cond: Tensor | None = None) -> Tensor:
+        """Mean cross-entropy in nats per latent over the batch: the training objective."""
+        return F.cross_entropy(self.logits(codes, cond).float(), codes)
+
+    @torch.no_grad()
+    def sample(self, n: int, cond: Tensor | None = None, temperature: float = 1.0, top_k: int | None = None,
+               generator: torch.Generator | None = None) -> Tensor:
+        """Draw `n` code grids -> (n, *grid) int64, one position at a time through `start`/`step`.
+
+        cond: (n,) int64 labels (class-conditional priors) or None. temperature 0 is greedy, top_k keeps
+        the k most likely codes; `generator` (on the prior's device) makes the draw reproducible.
+        Runs in eval mode and restores the module's mode afterwards.
+        """
+        with _eval_mode(self):
+            state = self.start(n, cond)
+            codes = torch.empty(n, self.seq_len, dtype=torch.long, device=self.device)  # (B, L)
+            prev = None
+            for t in range(self.seq_len):
+                logits, state = self.step(state, prev)  # (B, K)
+                prev = sample_from_logits(logits, temperature, top_k, generator)  # (B,)
+                codes[:, t] = prev
+        return codes.view(n, *self.cfg.grid)
+
+    def save_pretrained(self, directory: str | Path) -> None:
+        """Write `config.json` (the PriorConfig) and `model.safetensors`, each atomically."""
+        directory = Path(directory)
+        directory.mkdir(parents=True, exist_ok=True)
+        weights = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
+        tmp = directory / (WEIGHTS_NAME + ".tmp")
+        save_file(weights, str(tmp), metadata={"format": "pt"})
+        tmp.replace(directory / WEIGHTS_NAME)
+        write_json(directory / CONFIG_NAME, to_dict(self.cfg))
+
+    @classmethod
+    def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "Prior":
+        """Rebuild from `config.json`, load `model.safetensors` (never unpickles); returns it in eval mode.
+
+        Called on `Prior` it builds whichever arch the config names; on a subclass the arch must match.
+        """
+        directory = Path(directory)
+        config, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
+        for path in (config, weights):
+            if not path.is_file():
+                raise RunError(f"{path}: missing; expected a prior directory written by save_pretrained")
+        try:
+            cfg = from_dict(PriorConfig, json.loads(config.read_text()))
+        except ValueError as e:  # JSON errors and ConfigError alike
+            raise RunError(f"{config}: not a vqvae prior config ({e})") from None
+        model = build_prior(cfg)
+        if not isinstance(model, cls):
+            raise RunError(f"{config}: holds a {cfg.arch} prior, not a {cls.__name__}")
+        try:
+            model.load_state_dict(load_file(str(weights), device=str(device)))
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise RunError(f"{weights}: cannot load weights ({str(e).splitlines()[0]})") from None
+        return model.to(device).eval()
+
+
+# ------------------------------------------------------------------------------------------------
+# Transformer (nanoGPT-style, pre-LN)
+# ------------------------------------------------------------------------------------------------
+
+
+class CausalSelfAttention(nn.Module):
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.n_head, self.dropout = cfg.n_head, cfg.dropout
+        self.c_attn = nn.Linear(cfg.n_embd, 3 * cfg.n_embd)
+        self.c_proj = nn.Linear(cfg.n_embd, cfg.n_embd)
+        self.resid_drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor, kv: Tensor | None = None, pos: int = 0) -> Tensor:
+        """x (B, T, C). Without `kv`: causal attention over the T positions. With `kv` (2, B, nh, L, hs):
+        x is the single position `pos` (T == 1); its key and value are written into the cache and it
+        attends over positions 0..pos, so the prefix is never recomputed."""
+        q, k, v = self.c_attn(x).split(x.size(-1), dim=2)
+        q, k, v = (rearrange(z, "b t (h d) -> b h t d", h=self.n_head) for z in (q, k, v))  # (B, nh, T, hs)
+        if kv is None:
+            p = self.dropout if self.training else 0.0
+            y = F.scaled_dot_product_attention(q, k, v, is_causal=True, dropout_p=p)
+        else:
+            assert x.size(1) == 1, "cached attention takes one position at a time"
+            kv[0, :, :, pos] = k[:, :, 0]
+            kv[1, :, :, pos] = v[:, :, 0]
+            # one query attending to every cached position: no mask needed
+            y = F.scaled_dot_product_attention(q, kv[0, :, :, : pos + 1], kv[1, :, :, : pos + 1])
+        y = rearrange(y, "b h t d -> b t (h d)")  # (B, T, C)
+        return self.resid_drop(self.c_proj(y))
+
+
+class MLP(nn.Module):
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.c_fc = nn.Linear(cfg.n_embd, 4 * cfg.n_embd)
+        self.c_proj = nn.Linear(4 * cfg.n_embd, cfg.n_embd)
+        self.drop = nn.Dropout(cfg.dropout)
+
+    def forward(self, x: Tensor) -> Tensor:
+        return self.drop(self.c_proj(F.gelu(self.c_fc(x))))
+
+
+class Block(nn.Module):
+    """Pre-LN transformer block: x + attn(ln(x)), then x + mlp(ln(x))."""
+
+    def __init__(self, cfg: PriorConfig):
+        super().__init__()
+        self.ln_1 = nn.LayerNorm(cfg.n_embd)
+        self.attn = CausalSelfAttention(cfg)
+        self.ln_2 = nn.LayerNorm(cfg.n_embd)
+        self.mlp = MLP(cfg)
+
+    def forward(self, x: Tensor, kv: Tensor | None = None, pos: int = 0) -> Tensor:
+        x = x + self.attn(self.ln_1(x), kv, pos)
+        return x + self.mlp(self.ln_2(x))
+
+
+class TransformerPrior(Prior):
+    """Decoder-only transformer over the raster-scanned code grid.
+
+    The input at position t is a start token (a learned embedding per class, or one learned token when
+    num_classes == 0) at t = 0, and code t-1 after it; so logits at t predict code t from codes < t.
+    Positions are embedded as row + column embeddings (1-D grids: one position embedding). The output
+    head shares its weights with the code embedding (tied, as in nanoGPT).
+    """
+
+    def __init__(self, cfg: PriorConfig):
+        super().__init__(cfg)
+        C = cfg.n_embd
+        self.tok_emb = nn.Embedding(cfg.codebook_size, C)  # also the output head
+        self.start_emb = nn.Embedding(max(cfg.num_classes, 1), C)
+        self.row_emb = nn.Embedding(self.hw[0], C) if len(cfg.grid) == 2 else None
+        self.col_emb = nn.Embedding(self.hw[1], C)
+        self.drop = nn.Dropout(cfg.dropout)
+        self.blocks = nn.ModuleList(Block(cfg) for _ in range(cfg.n_layer))
+        self.ln_f = nn.LayerNorm(C)
+        self.apply(self._init_weights)
+        for name, p in self.named_parameters():  # GPT-2: scale residual projections by depth
+            if name.endswith("c_proj.weight"):
+                nn.init.normal_(p, mean=0.0, std=0.02 / math.sqrt(2 * cfg.n_layer))
+
+    @staticmethod
+    def _init_weights(module: nn.Module) -> None:
+        if isinstance(module, (nn.Linear, nn.Embedding)):
+            nn.init.normal_(module.weight, mean=0.0, std=0.02)
+        if isinstance(module, nn.Linear) and module.bias is not None:
+            nn.init.zeros_(module.bias)
+
+    def _pos_emb(self, T: int) -> Tensor:
+        """Embeddings of positions 0..T-1 -> (T, C)."""
+        t = torch.arange(T, device=self.col_emb.weight.device)
+        W = self.hw[1]
+        emb = self.col_emb(t % W)
+        return emb if self.row_emb is None else emb + self.row_emb(t // W)
+
+    def _start_tokens(self, batch: int, cond: Tensor | None) -> Tensor:
+        """The position-0 input of each sequence -> (B, C)."""
+        if cond is None:
+            return self.start_emb.weight[0].expand(batch, -1)
+        return self.start_emb(cond)
+
+    def forward(self, codes: Tensor, cond: Tensor | None = None) -> Tensor:
+        """codes (B, T) int64 raster-ordered, 1 <= T <= L -> logits (B, T, K) for positions 0..T-1.
+
+        logits[:, t] predicts codes[:, t] from codes[:, :t]; the last code is never read, so a prefix
+        plus any placeholder gives the logits of the next position (the uncached sampling baseline).
+        """
+        B, T = codes.shape
+        assert 1 <= T <= self.seq_len, f"sequence length {T} not in [1, {self.seq_len}]"
+        cond = self._check_cond(cond, B)
+        x = torch.cat([self._start_tokens(B, cond)[:, None], self.tok_emb(codes[:, :-1])], dim=1)  # (B, T, C)
+        x = self.drop(x + self._pos_emb(T))
+        for block in self.blocks:
+            x = block(x)
+        return F.linear(self.ln_f(x), self.tok_emb.weight)  # (B, T, K)
+
+    def logits(self, codes: Tensor, cond: Tensor | None = None) -> Tensor:
+        self._check_codes(codes)
+        out = self(codes.flatten(1), cond)  # (B, L, K)
+        return rearrange(out, "b l k -> b k l").reshape(codes.size(0), -1, *self.cfg.grid)
+
+    @torch.no_grad()
+    def start(self, batch: int, cond: Tensor | None = None) -> DecodeState:
+        cond = self._check_decode(batch, cond)
+        cfg, w = self.cfg, self.tok_emb.weight
+        kv = w.new_zeros(cfg.n_layer, 2, batch, cfg.n_head, self.seq_len, cfg.n_embd // cfg.n_head)
+        return DecodeState(pos=0, cond=cond, buffer=kv)
+
+    @torch.no_grad()
+    def step(self, state: DecodeState, prev_codes: Tensor | None) -> tuple[Tensor, DecodeState]:
+        self._advance(state, prev_codes)
+        t, batch = state.pos, state.buffer.size(2)
+        x = self._start_tokens(batch, state.cond) if t == 0 else self.tok_emb(prev_codes)  # (B, C)
+        W = self.hw[1]
+        pos = self.col_emb.weight[t % W] + (0 if self.row_emb is None else self.row_emb.weight[t // W])
+        x = (x + pos)[:, None]  # (B, 1, C)
+        for i, block in enumerate(self.blocks):
+            x = block(x, state.buffer[i], t)
+        logits = F.linear(self.ln_f(x[:, 0]), self.tok_emb.weight)  # (B, K)
+        state.pos += 1
+        return logits.float(), state
+
+
+# ------------------------------------------------------------------------------------------------
+# Gated PixelCNN (van den Oord et al. 2016, "Conditional Image Generation with PixelCNN Decoders")
+# ------------------------------------------------------------------------------------------------
+
+FIRST_KERNEL, KERNEL = 7, 3  # the first layer sees a wider neighbourhood, as in the paper's setup
+
+
+def _gate(x: Tensor, cond_bias: Tensor | float) -> Tensor:
+    """tanh(a) * sigmoid(b) over the two channel halves of x + cond_bias: (B, 2C, H, W) -> (B, C, H, W)."""
+    a, b = (x + cond_bias).chunk(2, dim=1)
+    return torch.tanh(a) * torch.sigmoid(b)
+
+
+class GatedLayer(nn.Module):
+    """One gated layer with a vertical stack (rows above) and a horizontal stack (left in the row).
+
+    Causality comes from padding, not weight masks: the vertical conv (k//2+1, k) at row i reads rows
+    i-k//2..i of its input and the horizontal conv (1, k//2+1) at (i, j) reads columns j-k//2..j. The
+    model shifts the first layer's inputs down by one row / right by one column, so vertical features
+    at row i depend only on rows < i and horizontal ones only on (rows < i) + (row i, columns < j):
+    no blind spot, and the vertical -> horizontal link needs no extra shift.
+    """
+
+    def __init__(self, channels: int, kernel: int, num_classes: int):
+        super().__init__()
+        self.pad = kernel // 2
+        self.v_conv = nn.Conv2d(channels, 2 * channels, (self.pad + 1, kernel))
+        self.h_conv = nn.Conv2d(channels, 2 * channels, (1, self.pad + 1))
+        self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
+        self.h_out = nn.Conv2d(channels, channels, 1)
+        # class conditioning: a learned bias per class inside both gates (the paper's V^T h)
+        self.cond_emb = nn.Embedding(num_classes, 2 * channels) if num_classes > 0 else None
+
+    def forward(self, x_v: Tensor, x_h: Tensor, cond: Tensor | None) -> tuple[Tensor, Tensor]:
+        """x_v, x_h (B, C, H, W), cond (B,) or None -> new (x_v, x_h), same shapes."""
+        p = self.pad
+        bias = 0.0 if cond is None else self.cond_emb(cond)[:, :, None, None]  # (B, 2C, 1, 1)
+        v = self.v_conv(F.pad(x_v, (p, p, p, 0)))  # (B, 2C, H, W)
+        h = self.h_conv(F.pad(x_h, (p, 0, 0, 0)))  # (B, 2C, H, W)
+        out_v = _gate(v, bias)
+        out_h = x_h + self.h_out(_gate(h + self.v_to_h(v), bias))  # residual on the horizontal stack
+        return out_v, out_h
+
+
+class PixelCNNPrior(Prior):
+    """Gated PixelCNN over code embeddings: n_layer gated layers of n_embd channels, then a
+    ReLU-1x1-ReLU-1x1 head to K logits. 1-D grids of T codes run as a (1, T) image, where the vertical
+    stack sees nothing and the horizontal stack is a causal 1-D conv net. n_head is unused.
+    """
+
+    def __init__(self, cfg: PriorConfig):
+        super().__init__(cfg)
+        C = cfg.n_embd
+        self.tok_emb = nn.Embedding(cfg.codebook_size, C)
+        self.layers = nn.ModuleList(
+            GatedLayer(C, FIRST_KERNEL if i == 0 else KERNEL, cfg.num_classes) for i in range(cfg.n_layer))
+        self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(C, C, 1), nn.ReLU(), nn.Conv2d(C, cfg.codebook_size, 1))
+
+    def _logits_hw(self, codes: Tensor, cond: Tensor | None) -> Tensor:
+        """codes (B, H, W) -> logits (B, K, H, W)."""
+        emb = rearrange(self.tok_emb(codes), "b h w c -> b c h w")
+        x_v = F.pad(emb, (0, 0, 1, 0))[:, :, :-1]  # shifted down: row i holds row i-1
+        x_h = F.pad(emb, (1, 0, 0, 0))[..., :-1]  # shifted right: (i, j) holds (i, j-1)
+        for layer in self.layers:
+            x_v, x_h = layer(x_v, x_h, cond)
+        return self.head(x_h)
+
+    def logits(self, codes: Tensor, cond: Tensor | None = None) -> Tensor:
+        self._check_codes(codes)
+        B = codes.size(0)
+        cond = self._check_cond(cond, B)
+        out = self._logits_hw(codes.view(B, *self.hw), cond)  # (B, K, H, W)
+        return out.view(B, -1, *self.cfg.grid)
+
+    @torch.no_grad()
+    def start(self, batch: int, cond: Tensor | None = None) -> DecodeState:
+        cond = self._check_decode(batch, cond)
+        codes = torch.zeros(batch, *self.hw, dtype=torch.long, device=self.device)  # (B, H, W)
+        return DecodeState(pos=0, cond=cond, buffer=codes)
+
+    @torch.no_grad()
+    def step(self, state: DecodeState, prev_codes: Tensor | None) -> tuple[Tensor, DecodeState]:
+        # a full forward pass per position (standard for PixelCNN); positions >= pos hold zeros
+        self._advance(state, prev_codes)
+        t, W = state.pos, self.hw[1]
+        if t > 0:
+            state.buffer[:, (t - 1) // W, (t - 1) % W] = prev_codes
+        logits = self._logits_hw(state.buffer, state.cond)[:, :, t // W, t % W]  # (B, K)
+        state.pos += 1
+        return logits.float(), state
+
+
+# ------------------------------------------------------------------------------------------------
+
+
+def build_prior(cfg: PriorConfig) -> Prior:
+    """The prior that `cfg.arch` names, freshly initialised."""
+    return {"transformer": TransformerPrior, "pixelcnn": PixelCNNPrior}[cfg.arch](cfg)
+
+
+def load_prior(directory: str | Path, device: str | torch.device = "cpu") -> Prior:
+    """Load a prior saved by `save_pretrained`, whichever its arch, in eval mode."""
+    return Prior.from_pretrained(directory, device)
+
+
+@torch.no_grad()
+def nll_bits(prior: Prior, codes: Tensor, cond: Tensor | None = None, batch_size: int = 256) -> dict:
+    """Mean negative log-likelihood of a dataset of code grids under `prior`, in eval mode, batched.
+
+    codes: (N, *grid) integers (int16 as stored in runs/NAME/codes is fine); cond: (N,) labels or None.
+    Returns {"bits_per_latent", "bits_per_image", "nats_per_latent", "num_images"}.
+    """
+    codes = torch.as_tensor(codes)
+    if cond is not None:
+        cond = torch.as_tensor(cond)
+    n = codes.size(0)
+    if n == 0:
+        raise ValueError("nll_bits needs at least one code grid")
+    total = 0.0  # nats, accumulated in float64
+    with _eval_mode(prior):
+        for i in range(0, n, batch_size):
+            batch = codes[i : i + batch_size].to(prior.device, torch.long)
+            labels = None if cond is None else cond[i : i + batch_size].to(prior.device, torch.long)
+            total -= prior.log_prob(batch, labels).double().sum().item()
+    nats_per_image = total / n
+    return {
+        "bits_per_latent": nats_per_image / prior.seq_len / math.log(2),
+        "bits_per_image": nats_per_image / math.log(2),
+        "nats_per_latent": nats_per_image / prior.seq_len,
+        "num_images": n,
+    }

@@ -1,0 +1,141 @@
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import numpy as np
+import pytest
+from PIL import Image
+
+from vqvae.cli import main
+
+TINY = ["--hidden", "8", "--res-hidden", "4", "--res-blocks", "1", "--codebook-size", "16", "--code-dim", "4",
+        "--batch-size", "16"]
+
+
+def run(capsys, *args):
+    code = main([str(a) for a in args])
+    captured = capsys.readouterr()
+    return code, captured.out, captured.err
+
+
+@pytest.fixture(scope="module")
+def run_dir(tmp_path_factory):
+    path = tmp_path_factory.mktemp("run")
+    assert main(["train", "--data", "mnist", "--steps", "40", "--out", str(path), "--log-every", "10", *TINY]) == 0
+    return path
+
+
+@pytest.fixture
+def images(tmp_path):
+    rng = np.random.default_rng(0)
+    paths = []
+    for i, (h, w) in enumerate([(28, 28), (29, 31), (12, 7)]):
+        path = tmp_path / f"img{i}.png"
+        Image.fromarray(rng.integers(0, 256, (h, w), dtype=np.uint8)).save(path)
+        paths.append(path)
+    return paths
+
+
+def test_train_writes_the_run(run_dir):
+    for name in ("config.json", "model.safetensors", "metrics.jsonl", "recon.png", "train_state.pt"):
+        assert (run_dir / name).is_file()
+    recon = Image.open(run_dir / "recon.png")
+    assert recon.size[0] > 28 * 4 and recon.size[1] > 28 * 4
+
+
+def test_eval_json(run_dir, capsys):
+    code, out, _ = run(capsys, "eval", run_dir, "--json")
+    assert code == 0
+    figures = json.loads(out)
+    assert {"psnr", "ssim", "mse", "perplexity", "codes_used"} <= set(figures)
+    assert figures["images"] == 500 and 0 < figures["codes_used"] <= 1
+    assert figures["psnr"] == pytest.approx(-10 * np.log10(figures["mse"]), abs=3)  # mean of logs vs log of mean
+
+
+def test_reconstruct_keeps_input_sizes(run_dir, images, tmp_path, capsys):
+    code, _, _ = run(capsys, "reconstruct", run_dir, *images, "-o", tmp_path / "out")
+    assert code == 0
+    for path in images:
+        assert Image.open(tmp_path / "out" / path.name).size == Image.open(path).size
+    code, _, _ = run(capsys, "reconstruct", run_dir, images[1], "-o", tmp_path / "one.png")
+    assert code == 0 and Image.open(tmp_path / "one.png").size == (31, 29)
+
+
+def test_encode_decode_round_trip(run_dir, images, tmp_path, capsys):
+    code, _, _ = run(capsys, "encode", run_dir, *images, "-o", tmp_path / "codes.npz")
+    assert code == 0
+    with np.load(tmp_path / "codes.npz", allow_pickle=False) as f:
+        assert f["codes_0"].shape == (7, 7) and f["codes_1"].shape == (8, 8)
+        assert f["codes_0"].max() < 16
+    code, _, _ = run(capsys, "decode", run_dir, tmp_path / "codes.npz", "-o", tmp_path / "dec")
+    assert code == 0
+    run(capsys, "reconstruct", run_dir, *images, "-o", tmp_path / "rec")
+    for path in images:
+        decoded = np.asarray(Image.open(tmp_path / "dec" / path.name))
+        assert decoded.shape == np.asarray(Image.open(path)).shape
+        assert np.array_equal(decoded, np.asarray(Image.open(tmp_path / "rec" / path.name)))
+
+
+def test_bad_inputs_exit_2_with_one_line(run_dir, tmp_path, capsys):
+    (tmp_path / "empty").mkdir()
+    (tmp_path / "text.png").write_text("hello")
+    mixed = tmp_path / "mixed"
+    mixed.mkdir()
+    Image.new("L", (8, 8)).save(mixed / "a.png")
+    Image.new("RGB", (8, 8)).save(mixed / "b.png")
+    np.save(tmp_path / "rank2.npy", np.zeros((4, 4)))
+    cases = [
+        (["train", "--data", f"folder:{tmp_path / 'empty'}", "--out", tmp_path / "r1"], "empty"),
+        (["train", "--data", f"folder:{tmp_path / 'missing'}", "--out", tmp_path / "r2"], "missing"),
+        (["train", "--data", f"folder:{mixed}", "--out", tmp_path / "r3"], "mixed"),
+        (["train", "--data", f"npy:{tmp_path / 'rank2.npy'}", "--out", tmp_path / "r4"], "rank2.npy"),
+        (["train", "--data", "imagenet", "--out", tmp_path / "r5"], "imagenet"),
+        (["train", "--downsample", "3", "--out", tmp_path / "r6"], "downsample"),
+        (["reconstruct", run_dir, tmp_path / "text.png", "-o", tmp_path / "x.png"], "text.png"),
+        (["reconstruct", run_dir, tmp_path / "nope.png", "-o", tmp_path / "x.png"], "nope.png"),
+        (["eval", tmp_path / "not-a-run"], "not-a-run"),
+        (["decode", run_dir, tmp_path / "text.png", "-o", tmp_path / "d"], "text.png"),
+        (["train", "--out", run_dir, *TINY], "already holds a run"),
+    ]
+    for args, needle in cases:
+        code, out, err = run(capsys, *args)
+        assert code == 2, (args, out, err)
+        assert needle in err and err.strip().count("\n") == 0 and "Traceback" not in err, err
+
+
+def test_every_command_has_help(capsys):
+    for command in ("train", "eval", "reconstruct", "encode", "decode", "demo"):
+        code, out, _ = run(capsys, command, "--help")
+        assert code == 0 and "Usage" in out
+
+
+def test_subprocess_sigterm_then_resume(tmp_path):
+    """A real process: killed mid-run it leaves a checkpoint; --resume finishes the same run."""
+    out = tmp_path / "run"
+    cmd = [sys.executable, "-m", "vqvae.cli", "train", "--data", "digits", "--downsample", "2", "--out", str(out),
+           "--steps", "100000", "--checkpoint-every", "20", "--log-every", "10", *TINY]
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=env)
+    deadline = time.time() + 120
+    while not (out / "train_state.pt").exists() and time.time() < deadline:
+        time.sleep(0.2)
+    time.sleep(0.5)
+    proc.send_signal(signal.SIGTERM)
+    _, err = proc.communicate(timeout=60)
+    assert proc.returncode == 130, err
+    assert "--resume" in err
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    stopped_at = steps[-1]
+    assert stopped_at >= 20
+    # resume with a budget: override the step count through the saved config
+    config = json.loads((out / "config.json").read_text())
+    config["train"]["steps"] = stopped_at + 30
+    (out / "config.json").write_text(json.dumps(config))
+    done = subprocess.run([sys.executable, "-m", "vqvae.cli", "train", "--out", str(out), "--resume"],
+                          capture_output=True, text=True, env=env, timeout=300)
+    assert done.returncode == 0, done.stderr
+    steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
+    assert steps == sorted(set(steps)) and steps[-1] == stopped_at + 30

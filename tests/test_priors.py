@@ -1,0 +1,260 @@
+"""Tests for vqvae.priors: causality, normalisation, cache == full pass, sampling, training, save/load."""
+
+import itertools
+import math
+
+import pytest
+import torch
+
+from vqvae.config import PriorConfig
+from vqvae.errors import RunError
+from vqvae.priors import (
+    PixelCNNPrior, TransformerPrior, build_prior, load_prior, nll_bits, sample_from_logits,
+)
+
+ARCHS = ["transformer", "pixelcnn"]
+
+
+def tiny(arch, grid=(3, 4), K=5, num_classes=0, **kw):
+    torch.manual_seed(0)
+    cfg = PriorConfig(arch=arch, codebook_size=K, grid=grid, num_classes=num_classes,
+                      n_layer=2, n_head=2, n_embd=16, **kw)
+    return build_prior(cfg).eval()
+
+
+def random_codes(prior, n, seed=1):
+    g = torch.Generator().manual_seed(seed)
+    return torch.randint(0, prior.cfg.codebook_size, (n, *prior.cfg.grid), generator=g)
+
+
+def labels(prior, n):
+    return torch.arange(n) % prior.cfg.num_classes if prior.cfg.num_classes else None
+
+
+def flat(logits):  # (B, K, *grid) -> (B, L, K) in raster order
+    return logits.flatten(2).transpose(1, 2)
+
+
+def greedy_by_full_passes(prior, n, cond):
+    """Independent reference: decode position by position with a full `logits` pass each time."""
+    codes = torch.zeros(n, prior.seq_len, dtype=torch.long)
+    with torch.no_grad():
+        for t in range(prior.seq_len):
+            logits = flat(prior.logits(codes.view(n, *prior.cfg.grid), cond))[:, t]
+            codes[:, t] = logits.argmax(-1)
+    return codes.view(n, *prior.cfg.grid)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("grid", [(3, 4), (7,)])
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_causality(arch, grid, num_classes):
+    prior = tiny(arch, grid, num_classes=num_classes)
+    codes = random_codes(prior, 2).view(2, -1)
+    cond = labels(prior, 2)
+    with torch.no_grad():
+        base = flat(prior.logits(codes.view(2, *grid), cond))  # (B, L, K)
+        for t in range(prior.seq_len):
+            changed = codes.clone()
+            changed[:, t] = (changed[:, t] + 1) % prior.cfg.codebook_size
+            out = flat(prior.logits(changed.view(2, *grid), cond))
+            torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], atol=1e-5, rtol=0)
+            if t + 1 < prior.seq_len:  # random init: the next position does see code t
+                assert (out[:, t + 1 :] - base[:, t + 1 :]).abs().max() > 1e-6
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("grid", [(2, 2), (4,)])
+@pytest.mark.parametrize("num_classes", [0, 2])
+def test_log_prob_sums_to_one_over_all_grids(arch, grid, num_classes):
+    prior = tiny(arch, grid, K=3, num_classes=num_classes)
+    every = torch.tensor(list(itertools.product(range(3), repeat=4))).view(81, *grid)
+    for label in range(max(num_classes, 1)):
+        cond = torch.full((81,), label) if num_classes else None
+        with torch.no_grad():
+            total = prior.log_prob(every, cond).exp().sum().item()
+        assert total == pytest.approx(1.0, abs=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("grid", [(3, 4), (6,)])
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_step_by_step_equals_full_pass(arch, grid, num_classes):
+    prior = tiny(arch, grid, num_classes=num_classes)
+    codes = random_codes(prior, 3)
+    cond = labels(prior, 3)
+    state = prior.start(3, cond)
+    steps, prev = [], None
+    for t in range(prior.seq_len):
+        logits, state = prior.step(state, prev)
+        steps.append(logits)
+        prev = codes.view(3, -1)[:, t]
+    with torch.no_grad():
+        full = flat(prior.logits(codes, cond))
+    torch.testing.assert_close(torch.stack(steps, 1), full, atol=1e-5, rtol=0)
+    with pytest.raises(RuntimeError, match="finished"):
+        prior.step(state, prev)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sampled_sequences_match_full_pass(arch):
+    """Sampling through the cache draws from the same distribution a full pass gives for its output."""
+    prior = tiny(arch, num_classes=3)
+    cond = labels(prior, 4)
+    codes = prior.sample(4, cond, generator=torch.Generator().manual_seed(5))
+    # replay the draw by hand, keeping the logits each step returned
+    g, state, prev, rows, drawn = torch.Generator().manual_seed(5), prior.start(4, cond), None, [], []
+    for _ in range(prior.seq_len):
+        logits, state = prior.step(state, prev)
+        prev = sample_from_logits(logits, generator=g)
+        rows.append(logits)
+        drawn.append(prev)
+    assert torch.equal(torch.stack(drawn, 1), codes.view(4, -1))
+    with torch.no_grad():
+        full = flat(prior.logits(codes, cond))
+    torch.testing.assert_close(torch.stack(rows, 1), full, atol=1e-5, rtol=0)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_sample_reproducible_and_in_range(arch):
+    prior = tiny(arch)
+    a = prior.sample(6, generator=torch.Generator().manual_seed(3))
+    b = prior.sample(6, generator=torch.Generator().manual_seed(3))
+    c = prior.sample(6, generator=torch.Generator().manual_seed(4))
+    assert a.shape == (6, 3, 4) and a.dtype == torch.long
+    assert torch.equal(a, b) and not torch.equal(a, c)
+    assert 0 <= int(a.min()) and int(a.max()) < prior.cfg.codebook_size
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_greedy_and_top1_equal_argmax_path(arch, num_classes):
+    prior = tiny(arch, num_classes=num_classes)
+    cond = labels(prior, 3)
+    reference = greedy_by_full_passes(prior, 3, cond)
+    assert torch.equal(prior.sample(3, cond, temperature=0), reference)
+    top1 = prior.sample(3, cond, temperature=1.0, top_k=1, generator=torch.Generator().manual_seed(0))
+    assert torch.equal(top1, reference)
+
+
+def test_sample_from_logits_top_k_and_temperature():
+    logits = torch.tensor([[0.0, 1.0, 2.0, 3.0]]).repeat(2000, 1)
+    g = torch.Generator().manual_seed(0)
+    drawn = sample_from_logits(logits, top_k=2, generator=g)
+    assert set(drawn.tolist()) == {2, 3}
+    frac3 = (drawn == 3).float().mean().item()
+    assert frac3 == pytest.approx(math.e / (1 + math.e), abs=0.04)  # softmax over the kept two
+    cold = sample_from_logits(logits, temperature=0.05, generator=g)
+    assert (cold == 3).all()
+    with pytest.raises(ValueError, match="temperature"):
+        sample_from_logits(logits, temperature=-1)
+    with pytest.raises(ValueError, match="top_k"):
+        sample_from_logits(logits, top_k=0)
+
+
+def structured_codes(n, K, grid, generator):
+    """Each grid is a diagonal ramp (c + row + col) % K: the first code determines the rest."""
+    H, W = (1, grid[0]) if len(grid) == 1 else grid
+    c = torch.randint(0, K, (n, 1, 1), generator=generator)
+    ramp = torch.arange(H)[:, None] + torch.arange(W)[None, :]
+    return ((c + ramp) % K).view(n, *grid)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("num_classes", [0, 4])
+def test_short_training_lowers_nll(arch, num_classes):
+    K, grid = 8, (4, 4)
+    torch.manual_seed(0)
+    cfg = PriorConfig(arch=arch, codebook_size=K, grid=grid, num_classes=num_classes,
+                      n_layer=2, n_head=2, n_embd=32)
+    prior = build_prior(cfg).train()
+    g = torch.Generator().manual_seed(0)
+    opt = torch.optim.Adam(prior.parameters(), lr=3e-3)
+    for _ in range(200):
+        codes = structured_codes(64, K, grid, g)
+        # conditional variant: the label is the first code's parity, so it carries one bit of it
+        cond = codes.view(64, -1)[:, 0] % num_classes if num_classes else None
+        loss = prior.loss(codes, cond)
+        opt.zero_grad(set_to_none=True)
+        loss.backward()
+        opt.step()
+    test = structured_codes(256, K, grid, g)
+    cond = test.view(256, -1)[:, 0] % num_classes if num_classes else None
+    result = nll_bits(prior, test, cond, batch_size=100)
+    # a perfect model pays log2(K) bits for the first code only (less given the label)
+    assert result["bits_per_latent"] < 0.15 * math.log2(K)  # measured 0.06-0.2; log2(K) = 3
+    assert prior.training  # nll_bits restored the mode
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_nll_bits_matches_log_prob(arch):
+    prior = tiny(arch, num_classes=3)
+    codes = random_codes(prior, 10).to(torch.int16)  # stored codes are int16
+    cond = labels(prior, 10)
+    result = nll_bits(prior, codes, cond, batch_size=4)
+    with torch.no_grad():
+        nats = -prior.log_prob(codes.long(), cond).double().mean().item()
+    assert result["bits_per_image"] == pytest.approx(nats / math.log(2), rel=1e-5)
+    assert result["bits_per_latent"] == pytest.approx(nats / math.log(2) / 12, rel=1e-5)
+    assert result["num_images"] == 10
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_loss_is_mean_cross_entropy_per_latent(arch):
+    prior = tiny(arch)
+    codes = random_codes(prior, 5)
+    with torch.no_grad():
+        assert prior.loss(codes).item() == pytest.approx(-prior.log_prob(codes).mean().item() / 12, rel=1e-5)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_save_load_identical_logits(arch, tmp_path):
+    prior = tiny(arch, grid=(3, 4), num_classes=3)
+    codes, cond = random_codes(prior, 4), labels(prior, 4)
+    prior.save_pretrained(tmp_path / "prior")
+    assert sorted(p.name for p in (tmp_path / "prior").iterdir()) == ["config.json", "model.safetensors"]
+    loaded = load_prior(tmp_path / "prior")
+    assert type(loaded) is type(prior) and loaded.cfg == prior.cfg and not loaded.training
+    with torch.no_grad():
+        assert torch.equal(loaded.logits(codes, cond), prior.logits(codes, cond))
+    cls = TransformerPrior if arch == "transformer" else PixelCNNPrior
+    assert type(cls.from_pretrained(tmp_path / "prior")) is cls
+    other = PixelCNNPrior if arch == "transformer" else TransformerPrior
+    with pytest.raises(RunError, match="not a"):
+        other.from_pretrained(tmp_path / "prior")
+
+
+def test_load_errors(tmp_path):
+    with pytest.raises(RunError, match="missing"):
+        load_prior(tmp_path)
+    prior = tiny("transformer")
+    prior.save_pretrained(tmp_path)
+    (tmp_path / "model.safetensors").write_bytes(b"garbage")
+    with pytest.raises(RunError, match="cannot load"):
+        load_prior(tmp_path)
+    (tmp_path / "config.json").write_text("{not json")
+    with pytest.raises(RunError, match="not a vqvae prior config"):
+        load_prior(tmp_path)
+
+
+@pytest.mark.parametrize("arch", ARCHS)
+def test_bad_inputs_raise_clear_errors(arch):
+    uncond, cond = tiny(arch), tiny(arch, num_classes=3)
+    codes = random_codes(uncond, 2)
+    with pytest.raises(ValueError, match="unconditional"):
+        uncond.logits(codes, torch.zeros(2, dtype=torch.long))
+    with pytest.raises(ValueError, match="class-conditional"):
+        cond.sample(2)
+    with pytest.raises(ValueError, match="cond must be int64"):
+        cond.logits(codes, torch.zeros(3, dtype=torch.long))
+    with pytest.raises(ValueError, match=r"in \[0, 3\)"):
+        cond.sample(2, torch.tensor([0, 3]))
+    with pytest.raises(ValueError, match="codes must be int64"):
+        uncond.logits(codes[:, :2])
+    with pytest.raises(ValueError, match="None on the first step"):
+        uncond.step(uncond.start(2), codes.view(2, -1)[:, 0])
+    dropout = build_prior(PriorConfig(arch=arch, codebook_size=5, grid=(3, 4), n_layer=1, n_head=2,
+                                      n_embd=16, dropout=0.1))
+    with pytest.raises(RuntimeError, match="eval"):
+        dropout.start(2)
+    assert dropout.sample(2).shape == (2, 3, 4) and dropout.training  # sample switches to eval and back
