@@ -139,3 +139,48 @@ def test_subprocess_sigterm_then_resume(tmp_path):
     assert done.returncode == 0, done.stderr
     steps = [json.loads(line)["step"] for line in (out / "metrics.jsonl").read_text().splitlines()]
     assert steps == sorted(set(steps)) and steps[-1] == stopped_at + 30
+
+
+PRIOR_TINY = ["--layers", "1", "--width", "16", "--heads", "2", "--batch-size", "16", "--shifts", "0"]
+
+
+@pytest.fixture(scope="module")
+def prior_run(run_dir):
+    assert main(["prior", str(run_dir), "--steps", "30", *PRIOR_TINY]) == 0
+    return run_dir
+
+
+def test_prior_json_and_cached_codes(prior_run, capsys):
+    code, out, _ = run(capsys, "prior", prior_run, "--steps", "5", "--force", "--json", *PRIOR_TINY)
+    assert code == 0
+    figures = json.loads(out)
+    assert figures["uniform_bits_per_latent"] == pytest.approx(4.0)  # K = 16
+    assert 0 < figures["nll_bits_per_latent"] < 6
+    assert figures["nll_bits_per_image"] == pytest.approx(49 * figures["nll_bits_per_latent"])
+    assert figures["bits_per_dim"] > 0 and figures["class_conditional"] is True
+    train = np.load(prior_run / "codes" / "train.npy")
+    assert train.dtype == np.int16 and train.shape == (4500, 7, 7)
+    assert np.load(prior_run / "codes" / "test.npy").shape == (500, 7, 7)
+    for name in ("config.json", "model.safetensors", "metrics.jsonl"):
+        assert (prior_run / "prior" / name).is_file()
+    code, _, err = run(capsys, "prior", prior_run, "--steps", "5", *PRIOR_TINY)
+    assert code == 2 and "already holds a prior" in err
+
+
+def test_eval_reports_bits_per_dim_with_a_prior(prior_run, capsys):
+    code, out, _ = run(capsys, "eval", prior_run, "--json")
+    figures = json.loads(out)
+    assert code == 0 and 0 < figures["bits_per_dim"] < 8
+
+
+def test_sample_grids(prior_run, tmp_path, capsys):
+    code, _, _ = run(capsys, "sample", prior_run, "-n", "20", "-o", tmp_path / "all.png", "--seed", "1")
+    assert code == 0
+    # ten classes, one row each: 2 samples per row of 56-pixel (2x scaled) digits plus gaps
+    assert Image.open(tmp_path / "all.png").size == (2 * 58 + 2, 10 * 58 + 2)
+    code, _, _ = run(capsys, "sample", prior_run, "-n", "3", "--label", "4", "-o", tmp_path / "a.png", "--seed", "1")
+    run(capsys, "sample", prior_run, "-n", "3", "--label", "4", "-o", tmp_path / "b.png", "--seed", "1")
+    assert code == 0
+    assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
+    code, _, err = run(capsys, "sample", prior_run, "--label", "10", "-o", tmp_path / "c.png")
+    assert code == 2 and "--label" in err

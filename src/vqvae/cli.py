@@ -41,7 +41,7 @@ def train(
     steps: int = typer.Option(6000, help="Training steps (the schedule runs over them)."),
     max_seconds: float = typer.Option(0.0, help="Stop after this much training time (0: no limit)."),
     batch_size: int = typer.Option(32),
-    lr: float = typer.Option(1e-3, help="Peak learning rate (Adam; warmup, then cosine decay)."),
+    lr: float = typer.Option(2e-3, help="Peak learning rate (Adam; warmup, then cosine decay)."),
     quantizer: str = typer.Option("ema", help="Codebook learning: 'ema' (moving averages) or 'vq' (gradient)."),
     codebook_size: int = typer.Option(512, help="K, the number of codes."),
     code_dim: int = typer.Option(16, help="D, the size of each code vector."),
@@ -76,13 +76,16 @@ def train(
 
 
 def _write_recon(run: Path, n: int = 32) -> Path:
-    """recon.png: the first `n` held-out images above their reconstructions."""
+    """recon.png: `n` held-out images above their reconstructions."""
+    import torch
+
     from .autoencoders import VQVAE, read_run_config
     from .data import load_dataset, pad_to_multiple, unpad
     from .report import save_comparison
 
     model = VQVAE.from_pretrained(run)
-    x = load_dataset(read_run_config(run)["data"]["uri"]).test[:n]
+    test = load_dataset(read_run_config(run)["data"]["uri"]).test
+    x = test[torch.linspace(0, len(test) - 1, min(n, len(test))).long()]  # spread over the split (all classes)
     padded, pad = pad_to_multiple(x, model.cfg.downsample)
     save_comparison(x, unpad(model.reconstruct(padded), pad), run / "recon.png")
     return run / "recon.png"
@@ -99,6 +102,7 @@ def evaluate(run: Path = RunArg,
     model = VQVAE.from_pretrained(run)
     test = load_dataset(read_run_config(run)["data"]["uri"]).test
     figures = evaluate_autoencoder(model, pad_to_multiple(test, model.cfg.downsample)[0])
+    figures.update(_bits_per_dim(run))
     _print_figures(f"held-out figures of {run}", figures, as_json)
 
 
@@ -177,6 +181,106 @@ def decode(run: Path = RunArg,
         target = output / (Path(str(name)).stem + ".png")
         save_image(x[0].detach(), target)
         err.print(f"wrote {target}")
+
+
+@app.command()
+def prior(run: Path = RunArg,
+          arch: str = typer.Option("transformer", help="transformer (causal attention) or pixelcnn (gated)."),
+          steps: int = typer.Option(4000, help="Training steps."),
+          max_seconds: float = typer.Option(0.0, help="Stop after this much training time (0: no limit)."),
+          batch_size: int = typer.Option(64),
+          lr: float = typer.Option(1e-3),
+          layers: int = typer.Option(4, help="Transformer blocks / gated PixelCNN layers."),
+          width: int = typer.Option(128, help="Embedding width (channels)."),
+          heads: int = typer.Option(4, help="Attention heads (transformer)."),
+          dropout: float = typer.Option(0.1),
+          shifts: int = typer.Option(1, help="Also train on codes of the images shifted by up to this many pixels."),
+          seed: int = typer.Option(0),
+          device: str = typer.Option("auto"),
+          resume: bool = typer.Option(False, "--resume", help="Continue the run's prior from its last checkpoint."),
+          force: bool = typer.Option(False, "--force", help="Replace an existing prior."),
+          as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+    """Learn an autoregressive prior over the run's codes (saved under RUN/prior/); print held-out bits."""
+    import shutil
+
+    from .config import TrainConfig
+    from .train import PRIOR_DIR, train_prior
+
+    if force and (run / PRIOR_DIR).exists():
+        shutil.rmtree(run / PRIOR_DIR)
+    tcfg = TrainConfig(data="codes", steps=steps, max_seconds=max_seconds, batch_size=batch_size, lr=lr, seed=seed,
+                       device=device, warmup_steps=200)
+    overrides = dict(arch=arch, n_layer=layers, n_embd=width, n_head=heads, dropout=dropout)
+    figures = train_prior(run, overrides, tcfg, shifts=shifts, resume=resume, console=err)
+    figures.update(_bits_per_dim(run))
+    err.print(f"wrote {run / PRIOR_DIR}/config.json, model.safetensors, metrics.jsonl")
+    _print_figures(f"held-out code likelihood of {run}", figures, as_json)
+
+
+def _bits_per_dim(run: Path) -> dict:
+    """bits_per_dim of the held-out split: prior bits + discretized-Gaussian pixel bits, per dimension."""
+    from .autoencoders import VQVAE, read_run_config
+    from .data import load_dataset, pad_to_multiple, unpad
+    from .metrics import bits_per_dim, fit_log_scale, prior_bits
+    from .priors import load_prior
+    from .train import PRIOR_DIR, encode_split
+
+    if not (run / PRIOR_DIR / "model.safetensors").is_file():
+        return {}
+    model, prior_model = VQVAE.from_pretrained(run), load_prior(run / PRIOR_DIR)
+    data = load_dataset(read_run_config(run)["data"]["uri"])
+
+    def reconstruct(x):
+        padded, pad = pad_to_multiple(x, model.cfg.downsample)
+        return unpad(model.reconstruct(padded), pad)
+
+    train = data.train[:1000]
+    log_scale = fit_log_scale(train, reconstruct(train))  # the decoder's noise scale, fitted on training images
+    z = encode_split(model, data.test)
+    bpd = bits_per_dim(prior_bits(prior_model, z), data.test, reconstruct(data.test), log_scale)
+    return {"bits_per_dim": float(bpd.mean()), "decoder_log_scale": log_scale}
+
+
+@app.command()
+def sample(run: Path = RunArg,
+           n: int = typer.Option(64, "-n", help="Number of samples (with classes and no --label: n / classes per row)."),
+           temperature: float = typer.Option(1.0, help="Softmax temperature; 0 is greedy."),
+           top_k: Optional[int] = typer.Option(None, help="Sample only among the k most likely codes."),
+           label: Optional[int] = typer.Option(None, help="Class to sample (class-conditional priors)."),
+           seed: int = typer.Option(0),
+           output: Path = typer.Option(Path("samples.png"), "-o", "--output", help="The grid image to write.")) -> None:
+    """Sample codes from the learned prior, decode them, and write a grid of images."""
+    import math
+
+    import torch
+
+    from .autoencoders import VQVAE
+    from .errors import ConfigError
+    from .priors import load_prior
+    from .report import save_grid
+    from .train import PRIOR_DIR
+
+    model = VQVAE.from_pretrained(run)
+    prior_model = load_prior(run / PRIOR_DIR)
+    classes = prior_model.cfg.num_classes
+    if n < 1 or temperature < 0 or (top_k is not None and top_k < 1):
+        raise ConfigError(f"need -n >= 1, --temperature >= 0 and --top-k >= 1; got {n}, {temperature}, {top_k}")
+    if label is not None and not 0 <= label < max(classes, 1):
+        raise ConfigError(f"--label must be in 0..{classes - 1} for this prior" if classes else
+                          "--label needs a class-conditional prior; this run's prior has no classes")
+    nrow = None
+    if classes and label is None:
+        per_class = math.ceil(n / classes)
+        cond, nrow = torch.arange(classes).repeat_interleave(per_class), per_class  # one row per class
+    elif classes:
+        cond = torch.full((n,), label)
+    else:
+        cond = None
+    generator = torch.Generator(device=prior_model.device).manual_seed(seed)
+    codes = prior_model.sample(len(cond) if cond is not None else n, cond, temperature, top_k, generator)
+    images = model.decode(codes).clamp(0, 1)
+    save_grid(images, output, nrow=nrow, scale=2)
+    err.print(f"wrote {output}: {len(images)} samples" + (" (one row per class)" if nrow else ""))
 
 
 def _check_channels(inputs: list, model, paths: list[Path]) -> list:

@@ -113,7 +113,7 @@ class TrainConfig:
     steps: int = 6000
     max_seconds: float = 0.0
     batch_size: int = 32
-    lr: float = 1e-3
+    lr: float = 2e-3
     lr_min_ratio: float = 0.05
     warmup_steps: int = 100
     seed: int = 0

@@ -98,3 +98,77 @@ def evaluate_autoencoder(model, images: torch.Tensor, batch_size: int = 250) -> 
         "codes_used": codes_used(counts),
         "images": int(images.shape[0]),
     }
+
+
+def discretized_gaussian_nll_bits(x: torch.Tensor, mean: torch.Tensor, log_scale: float | torch.Tensor) -> torch.Tensor:
+    """-log2 P(x | mean, scale) per image (B,) for 8-bit pixels x = k/255, k in 0..255.
+
+    P(k) = Phi((k + 1/2)/255 - mean) / scale) - Phi((k - 1/2)/255 - mean) / scale), with the first and
+    last bins extended to -inf and +inf so that the 256 probabilities sum to 1 (PixelCNN++ style).
+    """
+    x = (x.double() * 255).round() / 255
+    mean, scale = mean.double(), torch.as_tensor(log_scale, dtype=torch.float64).exp()
+    half = 0.5 / 255
+    normal = torch.distributions.Normal(torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64))
+    upper = torch.where(x >= 1 - 1e-9, torch.ones_like(x), normal.cdf((x + half - mean) / scale))
+    lower = torch.where(x <= 1e-9, torch.zeros_like(x), normal.cdf((x - half - mean) / scale))
+    # log of a difference of CDFs: far in a tail both round to 1 (or 0); use the mirrored tail there.
+    mirrored_upper = normal.cdf(-(x - half - mean) / scale)
+    mirrored_lower = torch.where(x >= 1 - 1e-9, torch.zeros_like(x), normal.cdf(-(x + half - mean) / scale))
+    p = torch.where((x - mean) > 0, mirrored_upper - mirrored_lower, upper - lower)
+    return -torch.log2(p.clamp_min(1e-300)).flatten(1).sum(1)
+
+
+def fit_log_scale(x: torch.Tensor, mean: torch.Tensor, steps: int = 60) -> float:
+    """The log scale minimising the discretized-Gaussian NLL of x given mean: golden-section search."""
+    rmse = float((x - mean).pow(2).mean().sqrt().clamp_min(1e-4))
+    lo, hi = math.log(rmse) - 3, math.log(rmse) + 2
+    ratio = (math.sqrt(5) - 1) / 2
+
+    def cost(s: float) -> float:
+        return float(discretized_gaussian_nll_bits(x, mean, s).sum())
+
+    a, b = hi - ratio * (hi - lo), lo + ratio * (hi - lo)
+    fa, fb = cost(a), cost(b)
+    for _ in range(steps):
+        if fa < fb:
+            hi, b, fb = b, a, fa
+            a = hi - ratio * (hi - lo)
+            fa = cost(a)
+        else:
+            lo, a, fa = a, b, fb
+            b = lo + ratio * (hi - lo)
+            fb = cost(b)
+    return (lo + hi) / 2
+
+
+def bits_per_dim(prior_bits_per_image: torch.Tensor, x: torch.Tensor, x_hat: torch.Tensor, log_scale: float) -> torch.Tensor:
+    """Upper bound on -log2 p(x) per pixel dimension (B,), as the VQ-VAE paper reports likelihoods.
+
+    -log2 p(x) <= -log2 p(z) - log2 p(x | z) for the encoder's code grid z (p(x) sums p(z) p(x|z) over
+    all z), so  bits/dim = (prior bits of z + discretized-Gaussian bits of x given decoder(z)) / (C*H*W).
+    """
+    dims = x[0].numel()
+    return (prior_bits_per_image.double() + discretized_gaussian_nll_bits(x, x_hat, log_scale)) / dims
+
+
+@torch.no_grad()
+def prior_bits(prior, codes: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
+    """-log2 p(z) of each code grid (N,) under an autoregressive prior, in float64.
+
+    A class-conditional prior gives the marginal p(z) = (1/Y) sum_y p(z | y) over its Y classes with a
+    uniform p(y): a likelihood of the codes alone, as when compressing an image whose label is unknown.
+    """
+    prior.eval()
+    device = prior.device
+    Y = prior.cfg.num_classes
+    out = []
+    for i in range(0, len(codes), batch_size):
+        z = codes[i:i + batch_size].to(device, torch.long)
+        if Y:
+            per_class = torch.stack([prior.log_prob(z, torch.full((len(z),), y, device=device)) for y in range(Y)])
+            log_p = torch.logsumexp(per_class.double(), 0) - math.log(Y)
+        else:
+            log_p = prior.log_prob(z).double()
+        out.append(-log_p.cpu() / math.log(2))
+    return torch.cat(out)

@@ -22,10 +22,10 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .autoencoders import VQVAE, read_run_config
-from .config import ModelConfig, TrainConfig, from_dict, to_dict
+from .config import ModelConfig, TrainConfig, from_dict, to_dict, write_json
 from .data import load_dataset, pad_to_multiple
 from .errors import RunError
-from .metrics import evaluate_autoencoder
+from .metrics import evaluate_autoencoder, prior_bits
 
 STATE_NAME, METRICS_NAME = "train_state.pt", "metrics.jsonl"
 
@@ -239,3 +239,122 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
         model.save_pretrained(out_dir, extra)
     trainer.fit()
     return evaluate_autoencoder(model, pad_to_multiple(data.test, model_cfg.downsample)[0])
+
+
+# -- priors ---------------------------------------------------------------------------------------------
+CODES_DIR, PRIOR_DIR = "codes", "prior"
+
+
+def shifted(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
+    """Translate (B, C, H, W) by (dy, dx) pixels, filling with the edge values (no wrap-around)."""
+    if dy == 0 and dx == 0:
+        return images
+    H, W = images.shape[2:]
+    padded = torch.nn.functional.pad(images, (abs(dx), abs(dx), abs(dy), abs(dy)), mode="replicate")
+    top, left = abs(dy) - dy, abs(dx) - dx
+    return padded[:, :, top:top + H, left:left + W]
+
+
+@torch.no_grad()
+def encode_split(model: VQVAE, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
+    """Images (N, C, H, W) -> int16 code grids (N, *S'), sizes padded to the downsampling factor."""
+    device = next(model.parameters()).device
+    images, _ = pad_to_multiple(images, model.cfg.downsample)
+    grids = [model.encode(images[i:i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
+    return torch.cat(grids).to(torch.int16)
+
+
+def cached_codes(run: Path, model: VQVAE, shifts: int = 0) -> dict[str, torch.Tensor | None]:
+    """The run's train and held-out code grids (and labels), encoded once and cached under RUN/codes/.
+
+    `shifts` > 0 adds copies of the training images translated by up to that many pixels (a 3x3 or
+    larger neighbourhood of offsets) to the prior's training codes: the same digits at other positions,
+    a cheap way to give a small dataset's prior more sequences. The cache is keyed by the model's
+    weights and the shift setting, so retraining the autoencoder never reuses stale codes.
+    """
+    import numpy as np
+
+    from .codec import fingerprint
+
+    directory = run / CODES_DIR
+    key = {"model": fingerprint(model).hex(), "shifts": shifts}
+    meta = directory / "meta.json"
+    names = ("train", "test", "train_labels", "test_labels")
+    if meta.is_file() and json.loads(meta.read_text()) == key:
+        return {n: torch.from_numpy(np.load(directory / f"{n}.npy")) if (directory / f"{n}.npy").is_file() else None
+                for n in names}
+    data = load_dataset(read_run_config(run)["data"]["uri"])
+    offsets = [(dy, dx) for dy in range(-shifts, shifts + 1) for dx in range(-shifts, shifts + 1)]
+    offsets.sort(key=lambda o: (o != (0, 0), o))  # the unshifted images first
+    train = torch.cat([encode_split(model, shifted(data.train, dy, dx)) for dy, dx in offsets])
+    train_labels = None if data.train_labels is None else data.train_labels.repeat(len(offsets))
+    arrays = {"train": train, "test": encode_split(model, data.test),
+              "train_labels": train_labels, "test_labels": data.test_labels}
+    directory.mkdir(exist_ok=True)
+    for name, value in arrays.items():
+        if value is not None:
+            tmp = directory / f"{name}.tmp.npy"
+            np.save(tmp, value.numpy())
+            tmp.replace(directory / f"{name}.npy")
+    write_json(meta, key)
+    return arrays
+
+
+def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConfig, shifts: int = 1,
+                resume: bool = False, show_progress: bool = True, console: Console | None = None) -> dict:
+    """Fit an autoregressive prior to the run's codes into RUN/prior/; returns held-out figures.
+
+    Class-conditional when the dataset has labels. Figures: nll_bits_per_latent, uniform_bits_per_latent
+    (log2 K), nll_bits_per_image, plus the prior config.
+    """
+    from .priors import Prior, PriorConfig, build_prior
+
+    run = Path(run)
+    device = pick_device(train_cfg.device)
+    model = VQVAE.from_pretrained(run, device=device)
+    codes = cached_codes(run, model, shifts)
+    out_dir = run / PRIOR_DIR
+    num_classes = int(read_run_config(run)["data"].get("num_classes", 0))
+    if resume:
+        prior = Prior.from_pretrained(out_dir, device=device)
+        train_cfg = from_dict(TrainConfig, json.loads((out_dir / "train.json").read_text()))
+    else:
+        if (out_dir / STATE_NAME).exists():
+            raise RunError(f"{out_dir}: already holds a prior; pass --resume to continue it or --force to replace it")
+        cfg = PriorConfig(codebook_size=model.cfg.quantizer.codebook_size, grid=tuple(codes["train"].shape[1:]),
+                          num_classes=num_classes, **prior_cfg_overrides)
+        torch.manual_seed(train_cfg.seed)
+        prior = build_prior(cfg).to(device)
+    train_codes = codes["train"].long().to(device)
+    train_labels = codes["train_labels"].to(device) if prior.cfg.num_classes else None
+
+    def next_batch(gen: torch.Generator):
+        idx = torch.randint(train_codes.shape[0], (train_cfg.batch_size,), generator=gen).to(device)
+        return train_codes[idx], None if train_labels is None else train_labels[idx]
+
+    def loss_fn(p, batch):
+        loss = p.loss(*batch)
+        return loss, {"bits_per_latent": loss.detach() / math.log(2)}
+
+    def save(directory: Path) -> None:
+        prior.save_pretrained(directory)
+        write_json(directory / "train.json", to_dict(train_cfg))
+
+    trainer = Trainer(prior, train_cfg, out_dir, next_batch, loss_fn, save, name="prior",
+                      fmt=lambda m: f"train {m['bits_per_latent']:.3f} bits/latent",
+                      show_progress=show_progress, console=console or Console(stderr=True))
+    if resume:
+        trainer.resume()
+    else:
+        (out_dir / METRICS_NAME).unlink(missing_ok=True)
+    trainer.fit()
+    return prior_figures(prior, codes)
+
+
+def prior_figures(prior, codes: dict) -> dict:
+    """Held-out NLL of the codes under `prior` next to the uniform prior's log2 K bits per latent."""
+    nll = float(prior_bits(prior, codes["test"]).mean())
+    L = prior.seq_len
+    return {"nll_bits_per_latent": nll / L, "nll_bits_per_image": nll,
+            "uniform_bits_per_latent": math.log2(prior.cfg.codebook_size), "latents_per_image": L,
+            "arch": prior.cfg.arch, "class_conditional": bool(prior.cfg.num_classes)}

@@ -1,0 +1,48 @@
+"""Which codebook handling gives the best held-out MNIST PSNR at the demo budget?
+
+Trains the demo network once per quantizer option set, each for the same wall-clock budget, and prints
+held-out PSNR, codebook usage and perplexity. Writes benchmarks/results/quantizer_options.json.
+
+    python benchmarks/quantizer_options.py [--seconds 170]
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import tempfile
+from pathlib import Path
+
+from vqvae.config import ModelConfig, QuantizerConfig, TrainConfig
+from vqvae.train import train_autoencoder
+
+VARIANTS = {
+    "vq, random init": dict(kind="vq", kmeans_init=False, dead_code_steps=0),
+    "vq, k-means init + dead-code restart": dict(kind="vq", kmeans_init=True, dead_code_steps=50),
+    "ema, random init": dict(kind="ema", kmeans_init=False, dead_code_steps=0),
+    "ema, k-means init + dead-code restart (default)": dict(kind="ema", kmeans_init=True, dead_code_steps=50),
+}
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--seconds", type=float, default=170.0)
+    args = parser.parse_args()
+    rows = []
+    for name, options in VARIANTS.items():
+        cfg = ModelConfig(quantizer=QuantizerConfig(**options))
+        with tempfile.TemporaryDirectory() as tmp:
+            figures = train_autoencoder(cfg, TrainConfig(steps=1_000_000, max_seconds=args.seconds), Path(tmp),
+                                        show_progress=False)
+            steps = json.loads((Path(tmp) / "metrics.jsonl").read_text().splitlines()[-1])["step"]
+        rows.append({"variant": name, "steps": steps, **figures})
+        print(f"{name:50s} {steps:6d} steps  PSNR {figures['psnr']:.2f} dB  "
+              f"codes used {figures['codes_used']:.1%}  perplexity {figures['perplexity']:.0f}", flush=True)
+    out = Path(__file__).parent / "results" / "quantizer_options.json"
+    out.parent.mkdir(exist_ok=True)
+    out.write_text(json.dumps({"seconds": args.seconds, "rows": rows}, indent=2) + "\n")
+    print(f"wrote {out}")
+
+
+if __name__ == "__main__":
+    main()
