@@ -1,0 +1,467 @@
+"""Tests for vqvae.codec: round trips, identical fixed-point probabilities, rate, header, bad input."""
+
+import copy
+import math
+import zlib
+
+import constriction
+import numpy as np
+import pytest
+import torch
+import torch.nn.functional as F
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from vqvae import codec
+from vqvae.autoencoders import VQVAE
+from vqvae.codec import Header, compress, decompress, fingerprint, quantize_logits, read_header
+from vqvae.config import ModelConfig, PriorConfig, QuantizerConfig
+from vqvae.data import pad_to_multiple, unpad
+from vqvae.errors import CodecError
+from vqvae.priors import PixelCNNPrior, TransformerPrior
+
+K = 16
+
+
+def tiny_model(seed=0, channels=1):
+    """A random tiny VQ-VAE whose codebook is k-means-initialised on a batch of images (one training-mode
+    forward pass), so that images use many codes, not the single nearest one of a random codebook."""
+    torch.manual_seed(seed)
+    q = QuantizerConfig(codebook_size=K, code_dim=4, kmeans_init=True, dead_code_steps=0)
+    model = VQVAE(ModelConfig(in_channels=channels, hidden=8, res_hidden=4, res_blocks=1, downsample=4, quantizer=q))
+    with torch.no_grad():
+        model.train()(torch.cat([torch.rand(8, channels, 28, 28), torch.stack(blobs(8, channels=channels))]))
+    return model.eval()
+
+
+def tiny_prior(seed=1, num_classes=0, arch="transformer"):
+    torch.manual_seed(seed)
+    cfg = PriorConfig(arch=arch, codebook_size=K, grid=(7, 7), num_classes=num_classes, n_layer=1, n_head=2, n_embd=16)
+    return (TransformerPrior if arch == "transformer" else PixelCNNPrior)(cfg).eval()
+
+
+def blobs(n, size=(28, 28), seed=0, channels=1):
+    """Smooth random images (bilinear upsampled 4x4 noise, squashed): structured, unlike pure noise."""
+    g = torch.Generator().manual_seed(seed)
+    low = torch.randn(n, channels, 4, 4, generator=g) * 3 - 2
+    return list(torch.sigmoid(F.interpolate(low, size=size, mode="bilinear", align_corners=False)))
+
+
+def reference(model, x):
+    """Independent of the codec: codes and reconstruction of one image, batch of one."""
+    padded, pad = pad_to_multiple(x[None], model.cfg.downsample)
+    with torch.no_grad():
+        codes = model.encode(padded)[0]
+        return codes, unpad(model.decode(codes[None]), pad)[0].clamp(0, 1)
+
+
+def assert_round_trip(model, images, out, stats):
+    assert len(out) == len(images) == len(stats["codes"])
+    for x, y, codes in zip(images, out, stats["codes"]):
+        ref_codes, ref_image = reference(model, x)
+        assert torch.equal(codes, ref_codes)
+        assert y.shape == x.shape and torch.equal(y, ref_image)
+
+
+@pytest.fixture(scope="module", autouse=True)
+def one_thread():
+    """Tiny models run faster on one thread, and much faster on a loaded machine (no spinning workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def prior():
+    return tiny_prior()
+
+
+@pytest.fixture(scope="module")
+def small_file(model, prior):
+    """One 28x28 image, range-coded: the file the corruption tests mutate."""
+    data, _ = compress(model, prior, blobs(1, seed=5))
+    return data
+
+
+# --- round trips ---------------------------------------------------------------------------------
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_round_trip_range_many_images(model, num_classes):
+    prior = tiny_prior(num_classes=num_classes)
+    images = blobs(60) + [torch.rand(1, 28, 28) for _ in range(40)]
+    data, stats = compress(model, prior, images)
+    assert_round_trip(model, images, decompress(model, prior, data), stats)
+    assert stats["bytes"] == len(data) == stats["header_bytes"] + stats["payload_bytes"] + 4
+    assert (stats["labels"] is None) == (num_classes == 0)
+
+
+def test_round_trip_huffman(model):
+    images = blobs(100, seed=3)
+    counts = torch.randint(0, 50, (K,), generator=torch.Generator().manual_seed(0))
+    counts[3] = 0  # never seen in training: still codable (+1 smoothing)
+    data, stats = compress(model, None, images, coder="huffman", code_counts=counts)
+    assert read_header(data).coder == "huffman"
+    assert_round_trip(model, images, decompress(model, None, data, code_counts=counts.numpy()), stats)
+    lengths = np.array([len(w) for w in codec._huffman_code(counts.numpy())])
+    flat = torch.cat([c.flatten() for c in stats["codes"]]).numpy()
+    assert stats["payload_bytes"] == math.ceil(lengths[flat].sum() / 8)
+
+
+@pytest.mark.parametrize("seed", range(5))
+def test_huffman_code_is_an_optimal_prefix_code(seed):
+    rng = np.random.default_rng(seed)
+    counts = rng.integers(0, [2, 10, 1000][seed % 3], size=rng.integers(2, 40))
+    words = codec._huffman_code(counts)
+    weights = counts + 1
+    assert sum(2.0 ** -len(w) for w in words) == 1  # complete
+    assert not any(a != b and b.startswith(a) for a in words for b in words)  # prefix-free
+    # optimal: total cost sum(w * len) equals the sum of all merged weights (independent reference)
+    merged, pool = 0, sorted(weights.tolist())
+    while len(pool) > 1:
+        pool.sort()
+        a, b, *pool = pool
+        merged += a + b
+        pool.append(a + b)
+    assert sum(w * len(word) for w, word in zip(weights, words)) == merged
+
+
+@pytest.mark.parametrize("num_classes", [0, 2])
+def test_round_trip_pixelcnn(model, num_classes):
+    prior = tiny_prior(arch="pixelcnn", num_classes=num_classes)
+    images = blobs(5, seed=4) + [torch.rand(1, 29, 31)]
+    data, stats = compress(model, prior, images)
+    assert_round_trip(model, images, decompress(model, prior, data), stats)
+
+
+def test_round_trip_sizes_other_than_the_prior_grid(model, prior):
+    # latent grids 8x8 (4 tiles), 2x1 (1 tile, mostly filler), 7x7, 3x15 (3 tiles); RGB-free, any order
+    sizes = [(29, 31), (5, 3), (28, 28), (12, 60), (1, 1)]
+    images = [torch.rand(1, h, w, generator=torch.Generator().manual_seed(i)) for i, (h, w) in enumerate(sizes)]
+    data, stats = compress(model, prior, images)
+    assert read_header(data).shapes == tuple((1, h, w) for h, w in sizes)
+    assert_round_trip(model, images, decompress(model, prior, data), stats)
+
+
+def test_rgb_model_round_trip():
+    model = tiny_model(channels=3)
+    images = [torch.rand(3, 20, 24), torch.rand(3, 20, 24)]
+    data, stats = compress(model, tiny_prior(), images)
+    assert read_header(data).shapes == ((3, 20, 24),) * 2
+    assert_round_trip(model, images, decompress(model, tiny_prior(), data), stats)
+
+
+def test_conditional_label_is_the_cheapest_class(model):
+    prior = tiny_prior(num_classes=4, seed=7)
+    with torch.no_grad():  # make the classes differ clearly
+        prior.start_emb.weight.mul_(50)
+    images = blobs(12, seed=8)
+    _, stats = compress(model, prior, images)
+    codes = torch.stack(stats["codes"])  # (N, 7, 7)
+    with torch.no_grad():
+        nll = torch.stack([-prior.log_prob(codes, torch.full((len(codes),), c)) for c in range(4)], 1)  # (N, 4)
+    assert stats["labels"] == nll.argmin(1).tolist()
+    assert read_header(compress(model, prior, images)[0]).labels == tuple(stats["labels"])
+
+
+def test_compress_restores_modes_and_leaves_weights_alone(model):
+    m, p = copy.deepcopy(model).train(), tiny_prior().train()
+    before = fingerprint(m)
+    data, _ = compress(m, p, blobs(3))
+    assert m.training and p.training and fingerprint(m) == before
+    decompress(m, p, data)
+    assert m.training and p.training
+
+
+# --- fixed-point probabilities -----------------------------------------------------------------
+
+
+def test_encoder_and_decoder_see_identical_integer_probabilities(model, monkeypatch):
+    prior = tiny_prior(num_classes=3)
+    original, seen = codec.quantize_logits, []
+
+    def recording(logits):
+        seen[-1].append(original(logits))
+        return seen[-1][-1]
+
+    monkeypatch.setattr(codec, "quantize_logits", recording)
+    images = blobs(5) + [torch.rand(1, 29, 31)]  # 5 + 4 tiles: one chunk of 9 sequences, 49 steps
+    seen.append([])
+    data, _ = compress(model, prior, images)
+    seen.append([])
+    decompress(model, prior, data)
+    assert len(seen) == 2
+    seen = {"compress": seen[0], "decompress": seen[1]}
+    assert len(seen["compress"]) == len(seen["decompress"]) == 49
+    for a, b in zip(seen["compress"], seen["decompress"]):
+        assert a.dtype == b.dtype == np.int64 and np.array_equal(a, b)
+        assert (a >= 1).all() and (a.sum(1) == 1 << codec.PRECISION).all()
+
+
+def test_quantize_logits_is_exact_and_deterministic():
+    g = torch.Generator().manual_seed(0)
+    for logits in (torch.randn(64, 512, generator=g) * 5, torch.zeros(3, 7),
+                   torch.tensor([[1e4, -1e4, 0.0, 30.0]]), torch.randn(2, 65536, generator=g)):
+        freqs = quantize_logits(logits)
+        assert np.array_equal(freqs, quantize_logits(logits.clone()))  # identical, not merely close
+        assert freqs.dtype == np.int64 and (freqs >= 1).all() and (freqs.sum(1) == 1 << codec.PRECISION).all()
+        p = torch.softmax(logits.double(), 1).numpy()
+        assert np.abs(freqs / 2.0 ** codec.PRECISION - p).max() <= (logits.shape[1] + 1) / 2.0 ** codec.PRECISION
+    with pytest.raises(CodecError, match="non-finite"):
+        quantize_logits(torch.tensor([[0.0, float("nan")]]))
+
+
+def test_range_coder_uses_exactly_the_integer_frequencies():
+    # Rare codes make any deviation visible: a frequency of 3 costs 24 - log2(3) bits, 2 or 4 would
+    # cost a whole bit more or less. Coding n of them must cost that, plus at most the final words.
+    family = constriction.stream.model.Categorical(perfect=False)
+    for f in (1, 3, 5, 1000):
+        freqs = np.full((2000, K), 1, dtype=np.int64)
+        freqs[:, 0] = (1 << codec.PRECISION) - (K - 1) - f + 1
+        freqs[:, 7] = f
+        encoder = constriction.stream.queue.RangeEncoder()
+        encoder.encode(np.full(2000, 7, dtype=np.int32), family, (freqs - 1).astype(np.float64))
+        expected = 2000 * (codec.PRECISION - math.log2(f))
+        assert expected <= encoder.num_bits() <= expected + 64
+
+
+def test_prior_decoding_mismatch_is_an_error_not_a_wrong_image(model, prior, monkeypatch):
+    # What a decoder on another device would see: logits off by a few ulps.
+    data, _ = compress(model, prior, blobs(2))
+    original = codec.quantize_logits
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(codec, "quantize_logits", lambda x: original(x + 1e-6 * torch.randn(x.shape, generator=g)))
+    with pytest.raises(CodecError, match="do not account"):
+        decompress(model, prior, data)
+
+
+# --- rate ----------------------------------------------------------------------------------------
+
+
+def test_payload_is_within_one_percent_of_cross_entropy(model):
+    prior = tiny_prior(seed=2).train()
+    train_codes = torch.stack([reference(model, x)[0] for x in blobs(256, seed=10)])  # (N, 7, 7)
+    opt = torch.optim.Adam(prior.parameters(), lr=1e-2)
+    for step in range(60):
+        batch = train_codes[torch.randint(0, len(train_codes), (64,), generator=torch.Generator().manual_seed(step))]
+        loss = prior.loss(batch)
+        opt.zero_grad()
+        loss.backward()
+        opt.step()
+    prior.eval()
+    images = blobs(100, seed=11)
+    data, stats = compress(model, prior, images)
+    ce = stats["cross_entropy_bits"]
+    assert ce < 0.8 * len(images) * 49 * math.log2(K)  # the prior is structured, far from uniform
+    assert stats["payload_bytes"] <= 1.01 * ce / 8 + 4
+    assert stats["overhead"] == pytest.approx(len(data) - ce / 8)
+    with torch.no_grad():  # the integer probabilities cost almost nothing over the float ones
+        float_bits = -prior.log_prob(torch.stack(stats["codes"])).sum().item() / math.log(2)
+    assert ce == pytest.approx(float_bits, rel=1e-3)
+
+
+# --- header and fingerprints ---------------------------------------------------------------------
+
+
+def test_header_round_trip_and_size(model, prior):
+    images = blobs(1)
+    data, stats = compress(model, prior, images)
+    header = read_header(data)
+    assert header == Header("range", fingerprint(model), fingerprint(prior), ((1, 28, 28),))
+    assert header.header_bytes == stats["header_bytes"] <= 24
+    assert header.payload_bytes == stats["payload_bytes"] == len(data) - header.header_bytes - 4
+    assert header.to_bytes() == data[: header.header_bytes]
+    assert data[:4] == b"VQZ\x01" and int.from_bytes(data[-4:], "little") == zlib.crc32(data[:-4])
+
+
+headers = st.builds(
+    lambda coder, fps, shapes, uniform, labels: Header(
+        coder, fps[:3], fps[3:], tuple(shapes[:1] * len(shapes)) if uniform else tuple(shapes),
+        None if labels is None else tuple((labels * len(shapes))[: len(shapes)])),
+    st.sampled_from(codec.CODERS), st.binary(min_size=6, max_size=6),
+    st.lists(st.tuples(st.integers(1, 4), st.integers(1, 3000), st.integers(1, 3000)), min_size=1, max_size=5),
+    st.booleans(), st.none() | st.lists(st.integers(0, 1000), min_size=1, max_size=5))
+
+
+@settings(max_examples=200, deadline=None)
+@given(header=headers, payload=st.binary(max_size=12))
+def test_any_header_round_trips(header, payload):
+    body = header.to_bytes() + payload
+    read = read_header(body + zlib.crc32(body).to_bytes(4, "little"))
+    assert read == header and read.header_bytes == len(body) - len(payload) and read.payload_bytes == len(payload)
+
+
+def test_uniform_sizes_are_stored_once(model, prior):
+    one = compress(model, prior, blobs(1))[1]["header_bytes"]
+    assert compress(model, prior, blobs(100))[1]["header_bytes"] == one  # the size is not repeated
+    assert compress(model, prior, blobs(200))[1]["header_bytes"] == one + 1  # count 200: a 2-byte varint
+
+
+def test_fingerprint():
+    a, b = tiny_model(), tiny_model()
+    assert len(fingerprint(a)) == 3 and len(fingerprint(a, 8)) == 8
+    assert fingerprint(a) == fingerprint(b) == fingerprint(copy.deepcopy(a))
+    with torch.no_grad():
+        next(b.parameters()).view(-1)[0] += 1e-6
+    assert fingerprint(a) != fingerprint(b)
+    assert fingerprint(tiny_prior(seed=1)) != fingerprint(tiny_prior(seed=2))
+
+
+# --- bad input -----------------------------------------------------------------------------------
+
+
+def test_every_single_bit_flip_is_caught(model, prior, small_file):
+    for i in range(len(small_file) * 8):
+        bad = bytearray(small_file)
+        bad[i // 8] ^= 1 << (i % 8)
+        with pytest.raises(CodecError):
+            decompress(model, prior, bytes(bad))
+
+
+def test_every_truncation_is_caught(model, prior, small_file):
+    for n in range(len(small_file)):
+        with pytest.raises(CodecError):
+            decompress(model, prior, small_file[:n])
+
+
+@pytest.mark.parametrize("data, match", [
+    (b"", "empty"), (b"not a vqz", "not a .vqz"), (b"VQ", "truncated"),
+    (b"\x89PNG\r\n\x1a\n" + bytes(20), "not a .vqz"),
+    (b"VQZ\x01", "truncated"), (b"VQZ\x02" + bytes(30), "version 2"), (b"VQZ\x00" + bytes(30), "version 0"),
+    ("VQZ", "expected the bytes"),
+])
+def test_not_a_vqz_file(model, prior, data, match):
+    with pytest.raises(CodecError, match=match):
+        decompress(model, prior, data)
+    with pytest.raises(CodecError, match=match):
+        read_header(data)
+
+
+def test_newer_version_is_named(model, prior, small_file):
+    bad = bytearray(small_file)
+    bad[3] = 2
+    with pytest.raises(CodecError, match="version 2.*newer"):
+        decompress(model, prior, bytes(bad))
+
+
+def test_other_model_or_prior_or_counts(model, prior, small_file):
+    with pytest.raises(CodecError, match="another model"):
+        decompress(tiny_model(seed=9), prior, small_file)
+    with pytest.raises(CodecError, match="another prior"):
+        decompress(model, tiny_prior(seed=9), small_file)
+    with pytest.raises(CodecError, match="needs the prior"):
+        decompress(model, None, small_file)
+    counts = torch.arange(K)
+    data, _ = compress(model, None, blobs(2), coder="huffman", code_counts=counts)
+    with pytest.raises(CodecError, match="other code counts"):
+        decompress(model, None, data, code_counts=counts + 1)
+    with pytest.raises(CodecError, match="needs code_counts"):
+        decompress(model, prior, data)
+
+
+def reseal(body: bytes) -> bytes:
+    return body + zlib.crc32(body).to_bytes(4, "little")
+
+
+def test_payload_that_does_not_match_its_codes_is_caught(model, prior, small_file):
+    # files with a valid CRC whose payload has a word too many, too few, or one changed
+    body = small_file[:-4]
+    for bad in (body + b"\x00\x00\x00\x00", body + b"\x12\x34\x56\x78", body[:-4], body[:-1],
+                body[:-4] + bytes([body[-4] ^ 1]) + body[-3:]):
+        with pytest.raises(CodecError, match="payload"):
+            decompress(model, prior, reseal(bad))
+    counts = torch.arange(K)
+    data, _ = compress(model, None, blobs(2), coder="huffman", code_counts=counts)
+    for bad in (data[:-4] + b"\x00", data[:-5], data[:-4] + b"\xff"):
+        with pytest.raises(CodecError, match="payload"):
+            decompress(model, None, reseal(bad), code_counts=counts)
+
+
+def test_crafted_headers_are_caught(model, prior, small_file):
+    header = read_header(small_file)
+    payload = small_file[header.header_bytes : -4]
+    cases = {
+        "labels": Header("range", header.model_fingerprint, header.prior_fingerprint, header.shapes, (0,)),
+        "channels": Header("range", header.model_fingerprint, header.prior_fingerprint, ((3, 28, 28),)),
+    }
+    for match, bad in cases.items():
+        with pytest.raises(CodecError, match=match):
+            decompress(model, prior, reseal(bad.to_bytes() + payload))
+    raw = bytearray(header.to_bytes())
+    raw[10] |= 0x40  # an unknown flag
+    with pytest.raises(CodecError, match="flags"):
+        decompress(model, prior, reseal(bytes(raw) + payload))
+    overlong = bytes(raw[:10]) + bytes([raw[10] & 0x3F, 0x81, 0x00])  # image count 1 as two bytes
+    with pytest.raises(CodecError, match="overlong"):
+        read_header(reseal(overlong + bytes(raw[12:]) + payload))
+
+
+def test_bad_images_and_arguments(model, prior):
+    cases = [([], "nothing to compress"), ([torch.rand(3, 28, 28)], "3 channels"), ([torch.rand(28, 28)], "float"),
+             ([torch.zeros(1, 28, 28, dtype=torch.uint8)], "float"), ([torch.rand(1, 0, 5)], "sides")]
+    for images, match in cases:
+        with pytest.raises(CodecError, match=match):
+            compress(model, prior, images)
+    with pytest.raises(CodecError, match="unknown coder"):
+        compress(model, prior, blobs(1), coder="zip")
+    with pytest.raises(CodecError, match="needs code_counts"):
+        compress(model, prior, blobs(1), coder="huffman")
+    with pytest.raises(CodecError, match=r"\(16,\)"):
+        compress(model, prior, blobs(1), coder="huffman", code_counts=torch.ones(15, dtype=torch.long))
+    with pytest.raises(CodecError, match="integers"):
+        compress(model, prior, blobs(1), coder="huffman", code_counts=torch.ones(K))
+    with pytest.raises(CodecError, match="models 8 codes"):
+        compress(model, TransformerPrior(PriorConfig(codebook_size=8, grid=(7, 7), n_layer=1, n_head=2, n_embd=16)),
+                 blobs(1))
+
+
+@pytest.fixture(scope="module")
+def mutation_targets(model, prior):
+    counts = torch.arange(K) * 3
+    images = blobs(2, seed=20)
+    rng_file = compress(model, prior, images)[0]
+    huff_file = compress(model, None, images, coder="huffman", code_counts=counts)[0]
+    expected = [reference(model, x)[1] for x in images]
+    return {"range": (rng_file, None), "huffman": (huff_file, counts)}, expected
+
+
+mutation = st.one_of(
+    st.tuples(st.just("flip"), st.integers(0, 10**6), st.integers(0, 7)),
+    st.tuples(st.just("set"), st.integers(0, 10**6), st.integers(0, 255)),
+    st.tuples(st.just("insert"), st.integers(0, 10**6), st.integers(0, 255)),
+    st.tuples(st.just("delete"), st.integers(0, 10**6), st.just(0)),
+    st.tuples(st.just("truncate"), st.integers(0, 10**6), st.just(0)),
+)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=[HealthCheck.function_scoped_fixture])
+@given(coder=st.sampled_from(["range", "huffman"]), ops=st.lists(mutation, min_size=1, max_size=3))
+def test_random_mutations_give_codec_error_or_the_right_images(model, prior, mutation_targets, coder, ops):
+    files, expected = mutation_targets
+    original, counts = files[coder]
+    data = bytearray(original)
+    for op, pos, value in ops:
+        pos = pos % (len(data) + 1)
+        if op == "flip" and pos < len(data):
+            data[pos] ^= 1 << value
+        elif op == "set" and pos < len(data):
+            data[pos] = value
+        elif op == "insert":
+            data.insert(pos, value)
+        elif op == "delete" and pos < len(data):
+            del data[pos]
+        elif op == "truncate":
+            del data[pos:]
+    try:
+        out = decompress(model, prior, bytes(data), code_counts=counts)
+    except CodecError:
+        assert bytes(data) != original
+        return
+    assert bytes(data) == original  # anything else must have raised
+    assert all(torch.equal(a, b) for a, b in zip(out, expected))
