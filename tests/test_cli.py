@@ -184,3 +184,29 @@ def test_sample_grids(prior_run, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
     code, _, err = run(capsys, "sample", prior_run, "--label", "10", "-o", tmp_path / "c.png")
     assert code == 2 and "--label" in err
+
+
+@pytest.mark.parametrize("coder", ["range", "huffman"])
+def test_compress_decompress_round_trip(prior_run, images, tmp_path, capsys, coder):
+    code, out, _ = run(capsys, "compress", prior_run, *images, "-o", tmp_path / "all.vqz", "--coder", coder, "--json")
+    assert code == 0
+    stats = json.loads(out)
+    assert stats["bytes"] == (tmp_path / "all.vqz").stat().st_size and stats["num_images"] == 3
+    code, _, _ = run(capsys, "decompress", prior_run, tmp_path / "all.vqz", "-o", tmp_path / "dec")
+    assert code == 0
+    run(capsys, "reconstruct", prior_run, *images, "-o", tmp_path / "rec")
+    for i, path in enumerate(images):
+        decoded = np.asarray(Image.open(tmp_path / "dec" / f"{i:05d}.png"))
+        assert np.array_equal(decoded, np.asarray(Image.open(tmp_path / "rec" / path.name)))
+
+
+def test_decompress_bad_files_exit_2(prior_run, images, tmp_path, capsys):
+    run(capsys, "compress", prior_run, images[0], "-o", tmp_path / "one.vqz")
+    data = (tmp_path / "one.vqz").read_bytes()
+    bad = {"empty.vqz": b"", "text.vqz": b"hello, not a vqz", "cut.vqz": data[:-3],
+           "flip.vqz": data[:10] + bytes([data[10] ^ 4]) + data[11:], "future.vqz": data[:3] + b"\x09" + data[4:]}
+    for name, content in bad.items():
+        (tmp_path / name).write_bytes(content)
+        code, _, err = run(capsys, "decompress", prior_run, tmp_path / name, "-o", tmp_path / "x.png")
+        assert code == 2 and err.strip().count("\n") == 0 and "Traceback" not in err, (name, err)
+    assert not (tmp_path / "x.png").exists()

@@ -41,7 +41,7 @@ class VQVAE(nn.Module):
         self.cfg = cfg
         q = cfg.quantizer
         args = (cfg.dims, cfg.in_channels, cfg.hidden, cfg.res_hidden, cfg.res_blocks, cfg.downsample, q.code_dim)
-        self.encoder = Encoder(*args)
+        self.encoder = Encoder(*args, kernel=cfg.encoder_kernel)
         self.quantizer = build_quantizer(q)
         self.decoder = Decoder(*args)
 

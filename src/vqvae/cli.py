@@ -52,6 +52,8 @@ def train(
     res_hidden: int = typer.Option(32, help="Channels inside residual blocks."),
     res_blocks: int = typer.Option(2, help="Residual blocks in encoder and decoder."),
     downsample: int = typer.Option(4, help="Downsampling factor (power of 2): 28x28 -> 7x7 at 4."),
+    encoder_kernel: int = typer.Option(1, help="Kernel of the encoder's unstrided convs: 1 (local codes, "
+                                               "easier for the prior) or 3 (the paper's)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
     checkpoint_every: int = typer.Option(500, help="Write a checkpoint every this many steps."),
@@ -66,7 +68,7 @@ def train(
     qcfg = QuantizerConfig(codebook_size=codebook_size, code_dim=code_dim, commitment_weight=beta, kind=quantizer,
                            kmeans_init=kmeans, dead_code_steps=dead_code_steps)
     mcfg = ModelConfig(hidden=hidden, res_hidden=res_hidden, res_blocks=res_blocks, downsample=downsample,
-                       quantizer=qcfg)
+                       encoder_kernel=encoder_kernel, quantizer=qcfg)
     tcfg = TrainConfig(data=data, steps=steps, max_seconds=max_seconds, batch_size=batch_size, lr=lr,
                        seed=seed, device=device, checkpoint_every=checkpoint_every, log_every=log_every)
     figures = train_autoencoder(mcfg, tcfg, out_dir, resume=resume, console=err)
@@ -189,9 +191,9 @@ def prior(run: Path = RunArg,
           steps: int = typer.Option(4000, help="Training steps."),
           max_seconds: float = typer.Option(0.0, help="Stop after this much training time (0: no limit)."),
           batch_size: int = typer.Option(64),
-          lr: float = typer.Option(1e-3),
+          lr: float = typer.Option(2e-3),
           layers: int = typer.Option(4, help="Transformer blocks / gated PixelCNN layers."),
-          width: int = typer.Option(128, help="Embedding width (channels)."),
+          width: int = typer.Option(64, help="Embedding width (channels)."),
           heads: int = typer.Option(4, help="Attention heads (transformer)."),
           dropout: float = typer.Option(0.1),
           shifts: int = typer.Option(1, help="Also train on codes of the images shifted by up to this many pixels."),
@@ -283,6 +285,88 @@ def sample(run: Path = RunArg,
     err.print(f"wrote {output}: {len(images)} samples" + (" (one row per class)" if nrow else ""))
 
 
+def _load_prior_and_counts(run: Path, coder: str):
+    """The run's prior (range coder) or training-code counts (Huffman), whichever `coder` needs."""
+    import numpy as np
+    import torch
+
+    from .errors import ConfigError, RunError
+    from .priors import load_prior
+    from .train import CODES_DIR, PRIOR_DIR
+
+    if coder not in ("range", "huffman"):
+        raise ConfigError(f"--coder must be 'range' or 'huffman', got {coder!r}")
+    if coder == "range":
+        if not (run / PRIOR_DIR / "model.safetensors").is_file():
+            raise RunError(f"{run / PRIOR_DIR}: no prior; train one with `vqvae prior {run}` first")
+        return load_prior(run / PRIOR_DIR), None
+    path = run / CODES_DIR / "train.npy"
+    if not path.is_file():
+        raise RunError(f"{path}: missing; `vqvae prior {run}` writes the training codes the Huffman code needs")
+    return None, torch.from_numpy(np.load(path).astype(np.int64)).flatten()
+
+
+@app.command()
+def compress(run: Path = RunArg,
+             images: list[Path] = typer.Argument(..., help="Image files (PNG/JPEG, any size)."),
+             output: Path = typer.Option(..., "-o", "--output", help="The .vqz file to write."),
+             coder: str = typer.Option("range", help="range (the learned prior) or huffman (static code table)."),
+             as_json: bool = typer.Option(False, "--json", help="Print one JSON object of sizes.")) -> None:
+    """Compress one or many images into one .vqz file with the run's learned prior."""
+    import torch
+
+    from . import codec
+    from .autoencoders import VQVAE
+    from .data import load_images
+
+    model = VQVAE.from_pretrained(run)
+    prior_model, codes = _load_prior_and_counts(run, coder)
+    counts = None if codes is None else torch.bincount(codes, minlength=model.cfg.quantizer.codebook_size)
+    inputs = _check_channels(load_images(images), model, images)
+    data, stats = codec.compress(model, prior_model, inputs, coder=coder, code_counts=counts)
+    output.parent.mkdir(parents=True, exist_ok=True)
+    tmp = output.with_name(output.name + ".tmp")
+    tmp.write_bytes(data)
+    tmp.replace(output)
+    figures = {k: stats[k] for k in ("bytes", "header_bytes", "payload_bytes", "bits_per_image",
+                                     "cross_entropy_bits", "overhead", "num_images", "coder")}
+    err.print(f"wrote {output}: {len(data)} bytes for {len(inputs)} image(s)")
+    _print_figures(f"{output}", figures, as_json)
+
+
+@app.command()
+def decompress(run: Path = RunArg,
+               file: Path = typer.Argument(..., help="A .vqz file written by `vqvae compress`."),
+               output: Path = typer.Option(..., "-o", "--output",
+                                           help="One image: the output file. Several: a directory.")) -> None:
+    """Decode a .vqz file back to images at their original sizes."""
+    from . import codec
+    from .autoencoders import VQVAE
+    from .data import save_image
+    from .errors import CodecError
+
+    model = VQVAE.from_pretrained(run)
+    if not file.is_file():
+        raise CodecError(f"{file}: no such file")
+    data = file.read_bytes()
+    coder = codec.read_header(data).coder
+    prior_model, codes = _load_prior_and_counts(run, coder)
+    counts = None
+    if codes is not None:
+        import torch
+
+        counts = torch.bincount(codes, minlength=model.cfg.quantizer.codebook_size)
+    decoded = codec.decompress(model, prior_model, data, code_counts=counts)
+    if len(decoded) == 1 and output.suffix:
+        targets = [output]
+    else:
+        output.mkdir(parents=True, exist_ok=True)
+        targets = [output / f"{i:05d}.png" for i in range(len(decoded))]
+    for image, target in zip(decoded, targets):
+        save_image(image.cpu(), target)
+    err.print(f"wrote {len(decoded)} image(s) to {output}")
+
+
 def _check_channels(inputs: list, model, paths: list[Path]) -> list:
     """Convert grayscale <-> RGB inputs to the model's channel count (luma / replicate)."""
     C = model.cfg.in_channels
@@ -306,22 +390,62 @@ def _output_paths(inputs: list[Path], output: Path, suffix: str) -> list[Path]:
 
 
 @app.command()
-def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory to write."),
-         seconds: float = typer.Option(170.0, help="Training time budget for the autoencoder."),
+def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory to write (replaced)."),
+         seconds: float = typer.Option(170.0, help="Training time budget of the autoencoder."),
+         prior_seconds: float = typer.Option(170.0, help="Training time budget of the prior."),
          seed: int = typer.Option(0)) -> None:
-    """Train a VQ-VAE on the bundled MNIST digits and print its held-out figures."""
+    """The whole pipeline on the bundled MNIST digits: VQ-VAE, prior, samples, compression."""
+    import shutil
+
     from .config import ModelConfig, TrainConfig
     from .train import train_autoencoder
 
-    if (out_dir / "train_state.pt").exists():
-        import shutil
-
+    if out_dir.exists():
         shutil.rmtree(out_dir)
-    tcfg = TrainConfig(data="mnist", steps=100_000, max_seconds=seconds, seed=seed)
-    figures = train_autoencoder(ModelConfig(), tcfg, out_dir, console=err)
+    err.rule("1/4  VQ-VAE on 4,500 MNIST digits")
+    figures = train_autoencoder(ModelConfig(), TrainConfig(data="mnist", steps=100_000, max_seconds=seconds,
+                                                           seed=seed), out_dir, console=err)
     recon = _write_recon(out_dir)
     err.print(f"wrote {out_dir}/config.json, model.safetensors, metrics.jsonl, {recon}")
     _print_figures("held-out MNIST (500 digits)", figures, False)
+
+    err.rule("2/4  prior over the 7x7 code grids")
+    prior(out_dir, steps=100_000, max_seconds=prior_seconds, seed=seed, **PRIOR_DEFAULTS)
+
+    err.rule("3/4  samples")
+    sample(out_dir, n=60, temperature=1.0, top_k=None, label=None, seed=seed, output=out_dir / "samples.png")
+
+    err.rule("4/4  compression of the 500 held-out digits")
+    _print_figures("bytes per held-out digit", _compression_table(out_dir, figures["psnr"]), False)
+
+
+def _compression_table(run: Path, model_psnr: float) -> dict:
+    """Bytes per digit of .vqz (one file of 500, and one file per digit) next to PNG, JPEG and WebP."""
+    from . import baselines, codec
+    from .autoencoders import VQVAE, read_run_config
+    from .data import load_dataset
+    from .priors import load_prior
+    from .train import PRIOR_DIR
+
+    model, prior_model = VQVAE.from_pretrained(run), load_prior(run / PRIOR_DIR)
+    test = load_dataset(read_run_config(run)["data"]["uri"]).test
+    many, stats = codec.compress(model, prior_model, list(test))
+    (run / "heldout.vqz").write_bytes(many)
+    single = [len(codec.compress(model, prior_model, [x])[0]) for x in test[:50]]
+    rows = baselines.sweep(test)
+    table = {".vqz, one file of 500 (payload bytes/digit)": stats["payload_bytes"] / len(test),
+             ".vqz, one file per digit (bytes, first 50)": sum(single) / len(single),
+             f".vqz PSNR (dB)": model_psnr,
+             "PNG (lossless)": rows[0]["bytes_per_image"]}
+    for fmt in ("jpeg", "webp"):
+        best = baselines.smallest_at_psnr(rows, fmt, model_psnr)
+        if best is not None:
+            table[f"{fmt.upper()} q{best['quality']} ({best['psnr']:.1f} dB)"] = best["bytes_per_image"]
+    return table
+
+
+PRIOR_DEFAULTS = dict(arch="transformer", batch_size=64, lr=2e-3, layers=4, width=64, heads=4, dropout=0.1,
+                      shifts=1, device="auto", resume=False, force=True, as_json=False)
 
 
 def main(argv: list[str] | None = None) -> int:

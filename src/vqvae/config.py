@@ -56,7 +56,9 @@ class QuantizerConfig:
 class ModelConfig:
     """A VQ-VAE: conv encoder (downsampling by `downsample`), quantizer, mirrored decoder.
 
-    `dims` is 2 for images (B, C, H, W) and 1 for sequences (B, C, T).
+    `dims` is 2 for images (B, C, H, W) and 1 for sequences (B, C, T). `encoder_kernel` is the size of
+    the encoder's convolutions after the strided ones: 3 as in the paper, 1 for codes that each describe
+    only their own neighbourhood (a far more predictable code grid for the prior).
     """
 
     in_channels: int = 1
@@ -65,6 +67,7 @@ class ModelConfig:
     res_blocks: int = 2
     downsample: int = 4
     dims: int = 2
+    encoder_kernel: int = 1
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
 
     def __post_init__(self) -> None:
@@ -75,6 +78,7 @@ class ModelConfig:
         ok = self.downsample >= 1 and (self.downsample & (self.downsample - 1)) == 0
         _check(ok, "downsample", "a power of 2 (1, 2, 4, 8, ...)", self.downsample)
         _check(self.dims in (1, 2), "dims", "1 (sequences) or 2 (images)", self.dims)
+        _check(self.encoder_kernel in (1, 3, 5), "encoder_kernel", "1, 3 or 5", self.encoder_kernel)
 
 
 @dataclass(frozen=True)

@@ -22,13 +22,13 @@ def conv_transpose(dims: int, *args, **kwargs) -> nn.Module:
 
 
 class ResidualBlock(nn.Module):
-    """x + conv1x1(relu(conv3x3(relu(x)))): the paper's residual block."""
+    """x + conv1x1(relu(conv3x3(relu(x)))): the paper's residual block (`kernel` 3)."""
 
-    def __init__(self, dims: int, hidden: int, res_hidden: int):
+    def __init__(self, dims: int, hidden: int, res_hidden: int, kernel: int = 3):
         super().__init__()
         self.block = nn.Sequential(
             nn.ReLU(),
-            conv(dims, hidden, res_hidden, 3, padding=1),
+            conv(dims, hidden, res_hidden, kernel, padding=kernel // 2),
             nn.ReLU(),
             conv(dims, res_hidden, hidden, 1),
         )
@@ -40,15 +40,20 @@ class ResidualBlock(nn.Module):
 class ResidualStack(nn.Sequential):
     """`n` residual blocks followed by a ReLU."""
 
-    def __init__(self, dims: int, hidden: int, res_hidden: int, n: int):
-        super().__init__(*[ResidualBlock(dims, hidden, res_hidden) for _ in range(n)], nn.ReLU())
+    def __init__(self, dims: int, hidden: int, res_hidden: int, n: int, kernel: int = 3):
+        super().__init__(*[ResidualBlock(dims, hidden, res_hidden, kernel) for _ in range(n)], nn.ReLU())
 
 
 class Encoder(nn.Module):
-    """x (B, C, *S) -> z_e (B, D, *S/downsample)."""
+    """x (B, C, *S) -> z_e (B, D, *S/downsample).
+
+    `kernel` is the size of the convolutions after the strided ones (3 in the paper). With 1, each code
+    sees only the pixels under the strided convolutions (10 px at downsample 4) instead of the whole
+    28x28 digit: blank regions then get the same few codes, which a prior predicts far better.
+    """
 
     def __init__(self, dims: int, in_channels: int, hidden: int, res_hidden: int, res_blocks: int,
-                 downsample: int, code_dim: int):
+                 downsample: int, code_dim: int, kernel: int = 3):
         super().__init__()
         n_down = int(math.log2(downsample))
         layers: list[nn.Module] = []
@@ -57,8 +62,8 @@ class Encoder(nn.Module):
             out = hidden if i == n_down - 1 else max(hidden // 2, 1)
             layers += [conv(dims, channels, out, 4, stride=2, padding=1), nn.ReLU()]
             channels = out
-        layers += [conv(dims, channels, hidden, 3, padding=1),
-                   ResidualStack(dims, hidden, res_hidden, res_blocks),
+        layers += [conv(dims, channels, hidden, kernel, padding=kernel // 2),
+                   ResidualStack(dims, hidden, res_hidden, res_blocks, kernel),
                    conv(dims, hidden, code_dim, 1)]
         self.net = nn.Sequential(*layers)
 

@@ -20,15 +20,19 @@ from dataclasses import dataclass
 
 import torch
 import torch.distributed as dist
-import torch.nn.functional as F
-from einops import rearrange
 from torch import nn
+from torch.autograd.function import once_differentiable
 
 from .config import QuantizerConfig
 
-# Elements of the (rows x K) score block computed at once: 2^20 floats = 4 MiB, small enough to stay in
-# cache on common CPUs, large enough that the matmul runs at full speed.
-SCORE_BLOCK_ELEMENTS = 1 << 20
+# The nearest-code search scores a block of (code tile x columns) at a time, small enough to stay in the
+# L2 cache through the passes that find each column's maximum, large enough that the matmul runs at full
+# speed. Codebooks larger than CODE_TILE are searched tile by tile (benchmarks/quantizer.py measures both).
+SCORE_BLOCK_ELEMENTS = 1 << 19
+CODE_TILE = 2048
+# Gather and scatter loop over batch items when each holds at least this many vectors (one contiguous
+# (D, L) slice per call); shorter items are handled by one call over the whole batch.
+_PER_ITEM_MIN_LENGTH = 64
 
 
 @dataclass
@@ -51,20 +55,98 @@ class Quantized:
 def nearest_codes(z: torch.Tensor, codebook: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
     """Index of the nearest codebook row for each row of z: (N, D), (K, D) -> (N,) int64.
 
-    argmin_k |z - e_k|^2 = argmax_k (z . e_k - |e_k|^2 / 2): one matmul per chunk of rows, never an
-    (N, K, D) tensor, and only a (chunk, K) block of scores alive at a time.
+    Ties go to the lowest index, as `argmin` of the distances would. `chunk_rows` (default: chosen from K)
+    bounds the rows scored at once.
     """
-    N, K = z.shape[0], codebook.shape[0]
-    if chunk_rows is None:
-        chunk_rows = max(64, SCORE_BLOCK_ELEMENTS // K)
-    half_norms = codebook.pow(2).sum(1).mul_(-0.5)  # (K,)
-    codes = torch.empty(N, dtype=torch.long, device=z.device)
-    et = codebook.t()
-    for start in range(0, N, chunk_rows):
-        stop = min(start + chunk_rows, N)
-        scores = torch.addmm(half_norms, z[start:stop], et)  # (chunk, K)
-        codes[start:stop] = scores.argmax(1)
-    return codes
+    return _nearest_codes(z.t().unsqueeze(0), codebook, chunk_rows).view(-1)
+
+
+def _blocks(B: int, L: int, cols: int):
+    """(b0, b1, l0, l1): row-major slices of a (B, L) grid of positions, at most `cols` positions each."""
+    if L >= cols:
+        for b in range(B):
+            for l0 in range(0, L, cols):
+                yield b, b + 1, l0, min(l0 + cols, L)
+    else:
+        for b0 in range(0, B, cols // L):
+            yield b0, min(b0 + cols // L, B), 0, L
+
+
+@torch.no_grad()
+def _nearest_codes(z: torch.Tensor, codebook: torch.Tensor, cols: int | None = None) -> torch.Tensor:
+    """Nearest code of each column vector of z: (B, D, L), (K, D) -> codes (B, L) int64, ties to the lowest.
+
+    argmin_k |z - e_k|^2 = argmax_k (z . e_k - |e_k|^2 / 2), scored by one matmul per (code tile x columns)
+    block: the codebook carries -|e_k|^2 / 2 as an extra column and z a row of ones, so no separate pass
+    adds the norms. `argmax` over the block is slow on CPU (it is not vectorised); instead
+    amax (vectorised), eq (one-hot of the maximum, in place) and a (3 x tile) matmul that reads the
+    index off the one-hot as two base-256 digits (exact even in bf16/TF32) plus a count. A column whose
+    count is not 1 (an exact tie, or NaN) is re-searched by argmax. Nothing of size N x K is allocated.
+    """
+    B, D, L = z.shape
+    K, N = codebook.shape[0], B * L
+    tile = min(K, CODE_TILE)
+    cols = min(cols or max(1, SCORE_BLOCK_ELEMENTS // tile), N)
+    e_aug = torch.cat([codebook, codebook.pow(2).sum(1, keepdim=True).mul_(-0.5)], 1)  # (K, D+1)
+    local = torch.arange(tile, device=z.device)
+    digits = torch.stack([local % 256, local // 256, torch.ones_like(local)]).to(z.dtype)  # (3, tile)
+    z_aug = z.new_empty(D + 1, cols)
+    z_aug[D] = 1
+    scores = z.new_empty(tile, cols)
+    best = z.new_empty(-(-K // tile), N)  # best score of each code tile
+    found = z.new_empty(best.shape[0], 3, N)  # low digit, high digit, count of the best score's codes
+    pos = 0
+    for b0, b1, l0, l1 in _blocks(B, L, cols):
+        n = (b1 - b0) * (l1 - l0)
+        z_aug[:D, :n].view(D, b1 - b0, l1 - l0).copy_(z[b0:b1, :, l0:l1].transpose(0, 1))
+        for t, k0 in enumerate(range(0, K, tile)):
+            e = e_aug[k0:k0 + tile]
+            block = torch.mm(e, z_aug[:, :n], out=scores[:e.shape[0], :n])  # (tile, n)
+            top = torch.amax(block, 0, out=best[t, pos:pos + n])
+            torch.eq(block, top, out=block)  # one-hot of each column's maximum
+            torch.mm(digits[:, :e.shape[0]], block, out=found[t, :, pos:pos + n])
+        pos += n
+    if best.shape[0] == 1:
+        tiles, found = torch.zeros_like(best[0], dtype=torch.long), found[0]
+    else:  # the first tile holding the maximum: ties across tiles go to the lower index
+        tiles = best.argmax(0)
+        found = found.gather(0, tiles.view(1, 1, N).expand(1, 3, N))[0]
+    codes = tiles * tile + found[0].long() + found[1].long() * 256  # (N,)
+    unsure = (found[2] != 1).nonzero().squeeze(1)
+    if unsure.numel():
+        codes[unsure] = _argmax_scores(z[unsure // L, :, unsure % L], e_aug)
+    return codes.view(B, L)
+
+
+def _argmax_scores(rows: torch.Tensor, e_aug: torch.Tensor) -> torch.Tensor:
+    """Brute-force argmax of the same scores for a few rows (N', D) -> (N',), in row chunks."""
+    chunk = max(1, SCORE_BLOCK_ELEMENTS // e_aug.shape[0])
+    rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)  # (N', D+1)
+    return torch.cat([torch.mm(rows[i:i + chunk], e_aug.t()).argmax(1) for i in range(0, rows.shape[0], chunk)])
+
+
+def _gather(codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
+    """codebook (K, D), codes (B, L) -> the chosen codes (B, D, L), written channels-first directly."""
+    (B, L), (K, D) = codes.shape, codebook.shape
+    table = codebook.t().contiguous()  # (D, K)
+    if L < _PER_ITEM_MIN_LENGTH:
+        return table.expand(B, D, K).gather(2, codes[:, None].expand(B, D, L))
+    out = codebook.new_empty(B, D, L)
+    for b in range(B):
+        torch.index_select(table, 1, codes[b], out=out[b])
+    return out
+
+
+def _scatter_sum(values: torch.Tensor, codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
+    """Sum of the vectors assigned to each code: values (B, D, L), codes (B, L) -> (K, D)."""
+    B, D, L = values.shape
+    sums = values.new_zeros(D, codebook_size)
+    if L < _PER_ITEM_MIN_LENGTH:
+        sums.index_add_(1, codes.reshape(-1), values.transpose(0, 1).reshape(D, B * L))
+    else:
+        for b in range(B):
+            sums.index_add_(1, codes[b], values[b])
+    return sums.t().contiguous()
 
 
 def _kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | None = None) -> torch.Tensor:
@@ -82,19 +164,46 @@ def _kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | No
     return centroids
 
 
-class _StraightThrough(torch.autograd.Function):
-    """Forward: the codes e. Backward: the incoming gradient goes unchanged to z, none to e.
+class _Quantize(torch.autograd.Function):
+    """z (B, D, L), codebook (K, D), codes (B, L) -> z_q, commitment, codebook_term, in one pass each.
 
-    Same as z + sg[e - z] but exact: that sum rounds, so z_q would differ from e in the last bits.
+    z_q has the value e exactly, and its gradient passes straight through to z (none to the codebook).
+    The two loss terms have the same value, mean |z - e|^2, and differ in where the gradient goes:
+    commitment to z only (2 (z - e) / numel), codebook_term to the chosen codes only (scattered sums of
+    2 (e - z) / numel). Written by hand, the backward is one pass over z plus one scatter, where autograd
+    through the gather, two mse_losses and a straight-through sum made several passes and allocations.
     """
 
     @staticmethod
-    def forward(ctx, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        return e.clone()
+    def forward(ctx, z: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor):
+        z_q = _gather(codebook, codes)  # (B, D, L)
+        diff = z - z_q
+        flat = diff.view(-1)
+        commitment = torch.dot(flat, flat) / flat.numel()
+        ctx.save_for_backward(z, z_q, codes)
+        # Not saved for backward: the first backward turns it into z's gradient in place (a fresh
+        # N x D buffer costs page faults); a second one (retain_graph) recomputes it from z and z_q.
+        ctx.diff = diff
+        ctx.codebook_size = codebook.shape[0]
+        ctx.set_materialize_grads(False)
+        return z_q, commitment, commitment.clone()
 
     @staticmethod
-    def backward(ctx, grad: torch.Tensor):
-        return grad, None
+    @once_differentiable
+    def backward(ctx, grad_z_q, grad_commitment, grad_codebook_term):
+        z, z_q, codes = ctx.saved_tensors
+        diff, ctx.diff = ctx.diff, None
+        if diff is None:
+            diff = z - z_q
+        grad_z = grad_codebook = None
+        if ctx.needs_input_grad[1] and grad_codebook_term is not None:
+            grad_codebook = _scatter_sum(diff, codes, ctx.codebook_size).mul_(grad_codebook_term * (-2 / diff.numel()))
+        if ctx.needs_input_grad[0]:
+            grad_z = grad_z_q  # straight through
+            if grad_commitment is not None:
+                scale = grad_commitment * (2 / diff.numel())
+                grad_z = diff.mul_(scale) if grad_z is None else torch.addcmul(grad_z, diff, scale, out=diff)
+        return grad_z, grad_codebook, None
 
 
 def _distributed() -> bool:
@@ -129,21 +238,20 @@ class VectorQuantizer(nn.Module):
 
     def forward(self, z_e: torch.Tensor) -> Quantized:
         """z_e (B, D, *S) -> Quantized; in training mode also applies init / EMA / restarts."""
-        spatial = z_e.shape[2:]
+        B, spatial = z_e.shape[0], z_e.shape[2:]
         with torch.autocast(z_e.device.type, enabled=False):  # distances and codebook stay fp32
-            z = rearrange(z_e.float(), "b d ... -> (b ...) d")  # (N, D)
+            # Work channels-first, as the conv emitted it: (B, D, *S) -> (B, D, L) is a view, not a copy.
+            z = z_e.float().reshape(B, self.code_dim, -1).contiguous()  # (B, D, L)
             if self.training:
                 self._maybe_init(z.detach())
-            codes = nearest_codes(z.detach(), self.embeddings.detach())  # (N,)
-            counts = torch.bincount(codes, minlength=self.codebook_size)  # (K,)
-            e = self.embeddings[codes]  # (N, D); a copy that gathers gradient only at the chosen codes
+            codes = _nearest_codes(z.detach(), self.embeddings.detach())  # (B, L)
+            counts = torch.bincount(codes.view(-1), minlength=self.codebook_size)  # (K,)
+            z_q, commitment, codebook_term = _Quantize.apply(z, self.embeddings, codes)  # z_q (B, D, L)
             if self.training:
                 self._update(z.detach(), codes, counts)  # after the lookup: z_q uses this step's codebook
-            commitment = F.mse_loss(z, e.detach())
-            loss = self._codebook_loss(z, e) + self.commitment_weight * commitment
-            z_q = _StraightThrough.apply(z, e.detach())  # value e exactly, gradient passed to z
-        z_q = rearrange(z_q, "(b s) d -> b d s", b=z_e.shape[0]).reshape(z_e.shape).to(z_e.dtype)
-        codes = codes.view(z_e.shape[0], *spatial)
+            loss = self._codebook_loss(codebook_term) + self.commitment_weight * commitment
+        z_q = z_q.view(z_e.shape).to(z_e.dtype)
+        codes = codes.view(B, *spatial)
         p = counts.double() / codes.numel()
         stats = {
             "perplexity": torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum()).float(),
@@ -152,14 +260,15 @@ class VectorQuantizer(nn.Module):
         }
         return Quantized(z_q, codes, loss, stats)
 
-    def _codebook_loss(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        return F.mse_loss(e, z.detach())
+    def _codebook_loss(self, codebook_term: torch.Tensor) -> torch.Tensor:
+        return codebook_term
 
     @torch.no_grad()
     def _maybe_init(self, z: torch.Tensor) -> None:
         if bool(self.initialized):
             return
-        centroids = _kmeans(z, self.codebook_size, self.kmeans_iters)
+        rows = z.transpose(1, 2).reshape(-1, self.code_dim)  # (N, D)
+        centroids = _kmeans(rows, self.codebook_size, self.kmeans_iters)
         if _distributed():
             dist.broadcast(centroids, 0)
         self._set_codes(torch.arange(self.codebook_size, device=z.device), centroids)
@@ -167,7 +276,7 @@ class VectorQuantizer(nn.Module):
 
     @torch.no_grad()
     def _update(self, z: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> None:
-        """Per-step bookkeeping in training mode: dead-code restart."""
+        """Per-step bookkeeping in training mode: dead-code restart. z (B, D, L), codes (B, L), counts (K,)."""
         if self.dead_code_steps <= 0:
             return
         if _distributed():
@@ -178,8 +287,8 @@ class VectorQuantizer(nn.Module):
         if dead.numel() == 0:
             return
         # Re-seed each dead code from a random recent encoder output (rank 0's choice on all ranks).
-        pick = torch.randint(z.shape[0], (dead.numel(),), device=z.device)
-        vectors = z[pick]
+        pick = torch.randint(codes.numel(), (dead.numel(),), device=z.device)
+        vectors = z[pick // z.shape[2], :, pick % z.shape[2]]  # (dead, D)
         if _distributed():
             dist.broadcast(vectors, 0)
         self._set_codes(dead, vectors)
@@ -215,12 +324,12 @@ class EMAVectorQuantizer(VectorQuantizer):
         self.cluster_size[index] = 1.0
         self.embed_sum[index] = vectors
 
-    def _codebook_loss(self, z: torch.Tensor, e: torch.Tensor) -> torch.Tensor:
-        return z.new_zeros(())
+    def _codebook_loss(self, codebook_term: torch.Tensor) -> torch.Tensor:
+        return codebook_term.new_zeros(())
 
     @torch.no_grad()
     def _update(self, z: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> None:
-        sums = torch.zeros_like(self.embed_sum).index_add_(0, codes, z)  # (K, D)
+        sums = _scatter_sum(z, codes, self.codebook_size)  # (K, D)
         counts_f = counts.to(z.dtype)
         if _distributed():
             dist.all_reduce(counts_f)
