@@ -195,7 +195,7 @@ def prior(run: Path = RunArg,
           layers: int = typer.Option(4, help="Transformer blocks / gated PixelCNN layers."),
           width: int = typer.Option(64, help="Embedding width (channels)."),
           heads: int = typer.Option(4, help="Attention heads (transformer)."),
-          dropout: float = typer.Option(0.1),
+          dropout: float = typer.Option(0.0),
           shifts: int = typer.Option(1, help="Also train on codes of the images shifted by up to this many pixels."),
           seed: int = typer.Option(0),
           device: str = typer.Option("auto"),
@@ -444,7 +444,7 @@ def _compression_table(run: Path, model_psnr: float) -> dict:
     return table
 
 
-PRIOR_DEFAULTS = dict(arch="transformer", batch_size=64, lr=2e-3, layers=4, width=64, heads=4, dropout=0.1,
+PRIOR_DEFAULTS = dict(arch="transformer", batch_size=64, lr=2e-3, layers=4, width=64, heads=4, dropout=0.0,
                       shifts=1, device="auto", resume=False, force=True, as_json=False)
 
 

@@ -290,6 +290,8 @@ class TransformerPrior(Prior):
 
     The input at position t is a start token (a learned embedding per class, or one learned token when
     num_classes == 0) at t = 0, and code t-1 after it; so logits at t predict code t from codes < t.
+    A class-conditional prior also adds the class embedding to every position's input: conditioning
+    through the start token alone is learned too slowly for a few minutes of training.
     Positions are embedded as row + column embeddings (1-D grids: one position embedding). The output
     head shares its weights with the code embedding (tied, as in nanoGPT).
     """
@@ -339,6 +341,8 @@ class TransformerPrior(Prior):
         assert 1 <= T <= self.seq_len, f"sequence length {T} not in [1, {self.seq_len}]"
         cond = self._check_cond(cond, B)
         x = torch.cat([self._start_tokens(B, cond)[:, None], self.tok_emb(codes[:, :-1])], dim=1)  # (B, T, C)
+        if cond is not None:  # the class at every position, not only through the start token's attention
+            x = x + self.start_emb(cond)[:, None]
         x = self.drop(x + self._pos_emb(T))
         for block in self.blocks:
             x = block(x)
@@ -361,6 +365,8 @@ class TransformerPrior(Prior):
         self._advance(state, prev_codes)
         t, batch = state.pos, state.buffer.size(2)
         x = self._start_tokens(batch, state.cond) if t == 0 else self.tok_emb(prev_codes)  # (B, C)
+        if state.cond is not None:
+            x = x + self.start_emb(state.cond)
         W = self.hw[1]
         pos = self.col_emb.weight[t % W] + (0 if self.row_emb is None else self.row_emb.weight[t // W])
         x = (x + pos)[:, None]  # (B, 1, C)

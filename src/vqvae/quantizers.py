@@ -16,6 +16,7 @@ statistics are all-reduced and the random choices made on rank 0 and broadcast, 
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -25,11 +26,12 @@ from torch.autograd.function import once_differentiable
 
 from .config import QuantizerConfig
 
-# The nearest-code search scores a block of (code tile x columns) at a time, small enough to stay in the
+# The nearest-code search scores a block of (code tile x columns) at a time: small enough to stay in the
 # L2 cache through the passes that find each column's maximum, large enough that the matmul runs at full
-# speed. Codebooks larger than CODE_TILE are searched tile by tile (benchmarks/quantizer.py measures both).
+# speed. Codebooks larger than CODE_TILE are searched tile by tile; each tile is split into SLABS slabs.
 SCORE_BLOCK_ELEMENTS = 1 << 19
 CODE_TILE = 2048
+SLABS = 16
 # Gather and scatter loop over batch items when each holds at least this many vectors (one contiguous
 # (D, L) slice per call); shorter items are handled by one call over the whole batch.
 _PER_ITEM_MIN_LENGTH = 64
@@ -77,42 +79,53 @@ def _nearest_codes(z: torch.Tensor, codebook: torch.Tensor, cols: int | None = N
     """Nearest code of each column vector of z: (B, D, L), (K, D) -> codes (B, L) int64, ties to the lowest.
 
     argmin_k |z - e_k|^2 = argmax_k (z . e_k - |e_k|^2 / 2), scored by one matmul per (code tile x columns)
-    block: the codebook carries -|e_k|^2 / 2 as an extra column and z a row of ones, so no separate pass
-    adds the norms. `argmax` over the block is slow on CPU (it is not vectorised); instead
-    amax (vectorised), eq (one-hot of the maximum, in place) and a (3 x tile) matmul that reads the
-    index off the one-hot as two base-256 digits (exact even in bf16/TF32) plus a count. A column whose
-    count is not 1 (an exact tie, or NaN) is re-searched by argmax. Nothing of size N x K is allocated.
+    block: the codebook carries -|e_k|^2 / 2 as an extra column and z a row of ones, so no pass adds the
+    norms. `argmax` over a block is slow on CPU (not vectorised), several times the cost of `amax`; so:
+      1. one amax over the block's SLABS slabs of codes -> (tile / SLABS, n): the best row r of any slab;
+      2. on that small matrix: the maximum, its one-hot (eq) and a matmul that reads r off the one-hot,
+         with a count;
+      3. the SLABS scores at row r of each slab (a gather): the one-hot of the maximum gives the slab g.
+    Index reads use small integers only, exact even when matmuls run in bf16/TF32. A column whose counts
+    are not 1 (an exact tie, or NaN) is re-searched by argmax. Nothing of size N x K is allocated.
     """
     B, D, L = z.shape
     K, N = codebook.shape[0], B * L
-    tile = min(K, CODE_TILE)
+    tiles = -(-K // CODE_TILE)
+    tile = -(-K // (tiles * SLABS)) * SLABS  # equal tiles of whole slabs, padded with codes that never win
+    rows = tile // SLABS  # codes per slab
     cols = min(cols or max(1, SCORE_BLOCK_ELEMENTS // tile), N)
     e_aug = torch.cat([codebook, codebook.pow(2).sum(1, keepdim=True).mul_(-0.5)], 1)  # (K, D+1)
-    local = torch.arange(tile, device=z.device)
-    digits = torch.stack([local % 256, local // 256, torch.ones_like(local)]).to(z.dtype)  # (3, tile)
+    padded = e_aug.new_zeros(tiles * tile, D + 1)
+    padded[:K], padded[K:, D] = e_aug, -math.inf
+    row_digits = torch.stack([torch.arange(rows), torch.ones(rows, dtype=torch.long)]).to(z)  # (2, rows)
+    slab_digits = torch.stack([torch.arange(SLABS), torch.ones(SLABS, dtype=torch.long)]).to(z)  # (2, SLABS)
     z_aug = z.new_empty(D + 1, cols)
     z_aug[D] = 1
-    scores = z.new_empty(tile, cols)
-    best = z.new_empty(-(-K // tile), N)  # best score of each code tile
-    found = z.new_empty(best.shape[0], 3, N)  # low digit, high digit, count of the best score's codes
+    scores, slab_max = z.new_empty(tile, cols), z.new_empty(rows, cols)
+    best = z.new_empty(tiles, N)  # best score of each tile
+    found = z.new_empty(tiles, 4, N)  # row r, its count, slab g, its count
     pos = 0
     for b0, b1, l0, l1 in _blocks(B, L, cols):
         n = (b1 - b0) * (l1 - l0)
         z_aug[:D, :n].view(D, b1 - b0, l1 - l0).copy_(z[b0:b1, :, l0:l1].transpose(0, 1))
-        for t, k0 in enumerate(range(0, K, tile)):
-            e = e_aug[k0:k0 + tile]
-            block = torch.mm(e, z_aug[:, :n], out=scores[:e.shape[0], :n])  # (tile, n)
-            top = torch.amax(block, 0, out=best[t, pos:pos + n])
-            torch.eq(block, top, out=block)  # one-hot of each column's maximum
-            torch.mm(digits[:, :e.shape[0]], block, out=found[t, :, pos:pos + n])
+        for t in range(tiles):
+            block = torch.mm(padded[t * tile:(t + 1) * tile], z_aug[:, :n], out=scores[:, :n])  # (tile, n)
+            block = block.view(SLABS, rows, n)
+            row_max = torch.amax(block, 0, out=slab_max[:, :n])  # (rows, n)
+            top = torch.amax(row_max, 0, out=best[t, pos:pos + n])  # (n,)
+            f = found[t, :, pos:pos + n]
+            torch.mm(row_digits, torch.eq(row_max, top, out=row_max), out=f[:2])
+            r = f[0].long().clamp_(0, rows - 1)  # in range even where the count is not 1 (then unused)
+            at_row = block.gather(1, r.view(1, 1, n).expand(SLABS, 1, n))[:, 0]  # (SLABS, n)
+            torch.mm(slab_digits, torch.eq(at_row, top, out=at_row), out=f[2:])
         pos += n
-    if best.shape[0] == 1:
-        tiles, found = torch.zeros_like(best[0], dtype=torch.long), found[0]
+    if tiles == 1:
+        tile_index, found = torch.zeros(N, dtype=torch.long, device=z.device), found[0]
     else:  # the first tile holding the maximum: ties across tiles go to the lower index
-        tiles = best.argmax(0)
-        found = found.gather(0, tiles.view(1, 1, N).expand(1, 3, N))[0]
-    codes = tiles * tile + found[0].long() + found[1].long() * 256  # (N,)
-    unsure = (found[2] != 1).nonzero().squeeze(1)
+        tile_index = best.argmax(0)
+        found = found.gather(0, tile_index.view(1, 1, N).expand(1, 4, N))[0]
+    codes = tile_index * tile + found[2].long() * rows + found[0].long()  # (N,)
+    unsure = ((found[1] != 1) | (found[3] != 1)).nonzero().squeeze(1)
     if unsure.numel():
         codes[unsure] = _argmax_scores(z[unsure // L, :, unsure % L], e_aug)
     return codes.view(B, L)
