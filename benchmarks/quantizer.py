@@ -13,6 +13,8 @@ runs out of memory is reported as such and the rest still run):
   vqvae-search   vqvae's nearest-code search alone (no loss, no backward)
   vqvae-vq       vqvae.quantizers.VectorQuantizer, training mode, forward + backward
   vqvae-ema      vqvae.quantizers.EMAVectorQuantizer (decay 0.99), training mode, forward + backward
+  vqvae-vq-nokernel  vqvae-vq with the compiled search switched off (PyTorch addmm + argmax search),
+                 what a machine without a C++ compiler runs
   vqpt-vq        vector_quantize_pytorch.VectorQuantize, learnable codebook (no EMA), straight-through,
                  commitment 0.25, accept_image_fmap=True
   vqpt-ema       the same with EMA updates (decay 0.99): the library's default mode
@@ -43,7 +45,7 @@ from pathlib import Path
 RESULTS = Path(__file__).resolve().parent / "results" / "quantizer.json"
 FLOOR_CHUNKS = ("256", "1024", "4096", "N")
 CONTENDERS = tuple(f"floor/{c}" for c in FLOOR_CHUNKS) + (
-    "vqvae-search", "vqvae-vq", "vqvae-ema", "vqpt-vq", "vqpt-ema")
+    "vqvae-search", "vqvae-vq", "vqvae-ema", "vqvae-vq-nokernel", "vqpt-vq", "vqpt-ema")
 OOM_MARKERS = ("out of memory", "can't allocate memory", "not enough memory", "MemoryError",
                "std::bad_alloc", "Cannot allocate memory")
 
@@ -89,17 +91,20 @@ def make_step(name: str, K: int, shape: tuple[int, ...]):
     upstream = torch.randn(*shape, generator=gen)  # the gradient a decoder would send back to z_q
     one = torch.ones(())
     if name == "vqvae-search":
-        from vqvae.quantizers import VectorQuantizer, _nearest_codes
+        from vqvae.quantizers import VectorQuantizer, _load_kernel, _nearest_codes
 
         codebook = VectorQuantizer(K, D).codebook.detach()
+        assert _load_kernel() is not None, "the compiled search did not build"
 
         def step():
             _nearest_codes(z0.view(B, D, -1), codebook)
 
         return step, "vqvae.quantizers._nearest_codes"
-    if name in ("vqvae-vq", "vqvae-ema"):
+    if name in ("vqvae-vq", "vqvae-ema", "vqvae-vq-nokernel"):
+        from vqvae import quantizers
         from vqvae.quantizers import EMAVectorQuantizer, VectorQuantizer
 
+        quantizers.USE_KERNEL = name != "vqvae-vq-nokernel"
         module = VectorQuantizer(K, D) if name == "vqvae-vq" else EMAVectorQuantizer(K, D, decay=0.99)
         module.train()
 
@@ -107,7 +112,8 @@ def make_step(name: str, K: int, shape: tuple[int, ...]):
             q = module(z0.detach().requires_grad_())
             torch.autograd.backward((q.loss, q.z_q), (one, upstream))
 
-        return step, repr(module)
+        kernel = "compiled search" if quantizers.USE_KERNEL and quantizers._load_kernel() else "PyTorch search"
+        return step, f"{module!r}, {kernel}"
     if name in ("vqpt-vq", "vqpt-ema"):
         from vector_quantize_pytorch import VectorQuantize
 

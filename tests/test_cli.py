@@ -210,3 +210,14 @@ def test_decompress_bad_files_exit_2(prior_run, images, tmp_path, capsys):
         code, _, err = run(capsys, "decompress", prior_run, tmp_path / name, "-o", tmp_path / "x.png")
         assert code == 2 and err.strip().count("\n") == 0 and "Traceback" not in err, (name, err)
     assert not (tmp_path / "x.png").exists()
+
+
+def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
+    out = tmp_path / "demo"
+    code, stdout, err = run(capsys, "demo", "--out", out, "--steps", "20", "--prior-steps", "5")
+    assert code == 0, err
+    for name in ("config.json", "model.safetensors", "recon.png", "samples.png", "heldout.vqz",
+                 "prior/model.safetensors", "codes/train.npy"):
+        assert (out / name).is_file(), name
+    assert "WEBP" in stdout and "PNG" in stdout and "psnr" in stdout
+    assert Image.open(out / "samples.png").size[1] > Image.open(out / "samples.png").size[0]  # 10 rows of 6

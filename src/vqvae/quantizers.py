@@ -16,7 +16,7 @@ statistics are all-reduced and the random choices made on rank 0 and broadcast, 
 
 from __future__ import annotations
 
-import math
+import warnings
 from dataclasses import dataclass
 
 import torch
@@ -26,15 +26,105 @@ from torch.autograd.function import once_differentiable
 
 from .config import QuantizerConfig
 
-# The nearest-code search scores a block of (code tile x columns) at a time: small enough to stay in the
-# L2 cache through the passes that find each column's maximum, large enough that the matmul runs at full
-# speed. Codebooks larger than CODE_TILE are searched tile by tile; each tile is split into SLABS slabs.
-SCORE_BLOCK_ELEMENTS = 1 << 19
+# The nearest-code search scores a block of (codes x columns) at a time: small enough to stay in the L2
+# cache while its maximum is found, large enough that the matmul runs at full speed. Codebooks larger than
+# CODE_TILE are scored tile by tile.
+SCORE_BLOCK_ELEMENTS = 1 << 18
 CODE_TILE = 2048
-SLABS = 16
 # Gather and scatter loop over batch items when each holds at least this many vectors (one contiguous
 # (D, L) slice per call); shorter items are handled by one call over the whole batch.
 _PER_ITEM_MIN_LENGTH = 64
+# False: always use the PyTorch search (tests and benchmarks compare the two).
+USE_KERNEL = True
+
+# The search on CPU: one loop over blocks of columns (in parallel), each scored by a matmul and reduced to
+# its per-column first maximum in one vectorised pass. PyTorch's argmax over a block is not vectorised and
+# costs as much as the matmul itself; amax + eq + matmul tricks cost half of it (benchmarks/quantizer.py).
+_KERNEL_SOURCE = r"""
+#include <torch/extension.h>
+#include <ATen/Parallel.h>
+#include <algorithm>
+#include <limits>
+
+// For each column c of the (rows, n) block s (row stride ld): if a row beats best[c], take it. Strict >
+// keeps the first maximum, and the first NaN wins, as torch.argmax does. Branch-free, so it vectorises
+// across columns; compiled for AVX-512, AVX2 and plain x86-64, chosen at run time.
+#if defined(__x86_64__) && defined(__GNUC__) && !defined(__clang__)
+__attribute__((target_clones("avx512f", "avx2", "default")))
+#endif
+static void column_argmax(const float* s, int64_t rows, int64_t n, int64_t ld, int32_t first_row,
+                          float* best, int32_t* index) {
+  for (int64_t k = 0; k < rows; ++k) {
+    const float* row = s + k * ld;
+    const int32_t code = first_row + static_cast<int32_t>(k);
+    for (int64_t c = 0; c < n; ++c) {
+      const float v = row[c], b = best[c];
+      const bool take = (v > b) | ((v != v) & (b == b));
+      best[c] = take ? v : b;
+      index[c] = take ? code : index[c];
+    }
+  }
+}
+
+// z (B, D, L) float32, any strides; e_aug (K, D+1) = [e, -|e|^2/2]. Returns codes (B, L) int64.
+torch::Tensor nearest_codes(torch::Tensor z, torch::Tensor e_aug, int64_t tile, int64_t cols) {
+  const int64_t B = z.size(0), D = z.size(1), L = z.size(2), K = e_aug.size(0);
+  // A job is a block of positions contiguous in (B, L) order: part of one item, or whole items.
+  const int64_t per_item = L >= cols ? (L + cols - 1) / cols : 0, items = L >= cols ? 1 : cols / L;
+  const int64_t jobs = per_item ? B * per_item : (B + items - 1) / items;
+  auto index = torch::empty({B * L}, z.options().dtype(torch::kInt));
+  at::parallel_for(0, jobs, 1, [&](int64_t begin, int64_t end) {
+    auto z_aug = torch::empty({D + 1, cols}, z.options());  // z's columns and a row of ones
+    z_aug[D].fill_(1);
+    auto scores = torch::empty({std::min(tile, K), cols}, z.options());
+    std::vector<float> best(cols);
+    for (int64_t job = begin; job < end; ++job) {
+      int64_t first, n;
+      auto block = z_aug.narrow(1, 0, 1);
+      if (per_item) {
+        const int64_t b = job / per_item, l0 = (job % per_item) * cols;
+        n = std::min(cols, L - l0);
+        first = b * L + l0;
+        block = z_aug.narrow(1, 0, n);
+        block.narrow(0, 0, D).copy_(z[b].narrow(1, l0, n));
+      } else {
+        const int64_t b0 = job * items, nb = std::min(items, B - b0);
+        n = nb * L;
+        first = b0 * L;
+        block = z_aug.narrow(1, 0, n);
+        block.narrow(0, 0, D).view({D, nb, L}).copy_(z.narrow(0, b0, nb).transpose(0, 1));
+      }
+      std::fill(best.begin(), best.begin() + n, -std::numeric_limits<float>::infinity());
+      int32_t* out = index.data_ptr<int32_t>() + first;
+      std::fill(out, out + n, 0);
+      for (int64_t k0 = 0; k0 < K; k0 += tile) {
+        const int64_t rows = std::min(tile, K - k0);
+        auto s = scores.narrow(0, 0, rows).narrow(1, 0, n);
+        at::mm_out(s, e_aug.narrow(0, k0, rows), block);  // (rows, n)
+        column_argmax(s.data_ptr<float>(), rows, n, s.stride(0), static_cast<int32_t>(k0), best.data(), out);
+      }
+    }
+  });
+  return index.to(torch::kLong).view({B, L});
+}
+"""
+_kernel = None  # the compiled module; False once it failed to build
+
+
+def _load_kernel():
+    """The compiled search (built once, ~30 s, cached by torch in ~/.cache/torch_extensions), or None."""
+    global _kernel
+    if _kernel is None:
+        try:
+            from torch.utils.cpp_extension import load_inline
+
+            _kernel = load_inline("vqvae_quantizer_kernel", _KERNEL_SOURCE, functions=["nearest_codes"],
+                                  extra_cflags=["-O3"])
+        except Exception as e:  # no compiler, no ninja, no headers: the PyTorch search is exact too
+            warnings.warn(f"vqvae: the C++ nearest-code search did not build ({str(e).splitlines()[0][:200]}); "
+                          "using the slower PyTorch search", RuntimeWarning, stacklevel=3)
+            _kernel = False
+    return _kernel or None
 
 
 @dataclass
@@ -78,64 +168,26 @@ def _blocks(B: int, L: int, cols: int):
 def _nearest_codes(z: torch.Tensor, codebook: torch.Tensor, cols: int | None = None) -> torch.Tensor:
     """Nearest code of each column vector of z: (B, D, L), (K, D) -> codes (B, L) int64, ties to the lowest.
 
-    argmin_k |z - e_k|^2 = argmax_k (z . e_k - |e_k|^2 / 2), scored by one matmul per (code tile x columns)
-    block: the codebook carries -|e_k|^2 / 2 as an extra column and z a row of ones, so no pass adds the
-    norms. `argmax` over a block is slow on CPU (not vectorised), several times the cost of `amax`; so:
-      1. one amax over the block's SLABS slabs of codes -> (tile / SLABS, n): the best row r of any slab;
-      2. on that small matrix: the maximum, its one-hot (eq) and a matmul that reads r off the one-hot,
-         with a count;
-      3. the SLABS scores at row r of each slab (a gather): the one-hot of the maximum gives the slab g.
-    Index reads use small integers only, exact even when matmuls run in bf16/TF32. A column whose counts
-    are not 1 (an exact tie, or NaN) is re-searched by argmax. Nothing of size N x K is allocated.
+    argmin_k |z - e_k|^2 = argmax_k (z . e_k - |e_k|^2 / 2): one matmul per block of at most `cols`
+    columns (default: chosen from K), never an (N, K) matrix. On CPU the codebook carries -|e_k|^2 / 2 as
+    an extra column and z a row of ones, so the matmul adds the norms, and the compiled kernel finds the
+    maxima; elsewhere, or where the kernel cannot be built, PyTorch's addmm + argmax.
     """
     B, D, L = z.shape
-    K, N = codebook.shape[0], B * L
-    tiles = -(-K // CODE_TILE)
-    tile = -(-K // (tiles * SLABS)) * SLABS  # equal tiles of whole slabs, padded with codes that never win
-    rows = tile // SLABS  # codes per slab
-    cols = min(cols or max(1, SCORE_BLOCK_ELEMENTS // tile), N)
-    e_aug = torch.cat([codebook, codebook.pow(2).sum(1, keepdim=True).mul_(-0.5)], 1)  # (K, D+1)
-    padded = e_aug.new_zeros(tiles * tile, D + 1)
-    padded[:K], padded[K:, D] = e_aug, -math.inf
-    row_digits = torch.stack([torch.arange(rows), torch.ones(rows, dtype=torch.long)]).to(z)  # (2, rows)
-    slab_digits = torch.stack([torch.arange(SLABS), torch.ones(SLABS, dtype=torch.long)]).to(z)  # (2, SLABS)
-    z_aug = z.new_empty(D + 1, cols)
-    z_aug[D] = 1
-    scores, slab_max = z.new_empty(tile, cols), z.new_empty(rows, cols)
-    best = z.new_empty(tiles, N)  # best score of each tile
-    found = z.new_empty(tiles, 4, N)  # row r, its count, slab g, its count
-    pos = 0
+    K = codebook.shape[0]
+    kernel = _load_kernel() if USE_KERNEL and z.device.type == "cpu" and z.dtype == torch.float32 else None
+    if kernel is not None:
+        tile = min(K, CODE_TILE)
+        cols = min(cols or max(1, SCORE_BLOCK_ELEMENTS // tile), B * L)
+        e_aug = torch.cat([codebook, codebook.pow(2).sum(1, keepdim=True).mul_(-0.5)], 1)  # (K, D+1)
+        return kernel.nearest_codes(z, e_aug.to(z.dtype).contiguous(), tile, cols)
+    cols = min(cols or max(64, SCORE_BLOCK_ELEMENTS // K), B * L)
+    half_norms = codebook.pow(2).sum(1).mul_(-0.5)  # (K,)
+    codes = torch.empty(B, L, dtype=torch.long, device=z.device)
     for b0, b1, l0, l1 in _blocks(B, L, cols):
-        n = (b1 - b0) * (l1 - l0)
-        z_aug[:D, :n].view(D, b1 - b0, l1 - l0).copy_(z[b0:b1, :, l0:l1].transpose(0, 1))
-        for t in range(tiles):
-            block = torch.mm(padded[t * tile:(t + 1) * tile], z_aug[:, :n], out=scores[:, :n])  # (tile, n)
-            block = block.view(SLABS, rows, n)
-            row_max = torch.amax(block, 0, out=slab_max[:, :n])  # (rows, n)
-            top = torch.amax(row_max, 0, out=best[t, pos:pos + n])  # (n,)
-            f = found[t, :, pos:pos + n]
-            torch.mm(row_digits, torch.eq(row_max, top, out=row_max), out=f[:2])
-            r = f[0].long().clamp_(0, rows - 1)  # in range even where the count is not 1 (then unused)
-            at_row = block.gather(1, r.view(1, 1, n).expand(SLABS, 1, n))[:, 0]  # (SLABS, n)
-            torch.mm(slab_digits, torch.eq(at_row, top, out=at_row), out=f[2:])
-        pos += n
-    if tiles == 1:
-        tile_index, found = torch.zeros(N, dtype=torch.long, device=z.device), found[0]
-    else:  # the first tile holding the maximum: ties across tiles go to the lower index
-        tile_index = best.argmax(0)
-        found = found.gather(0, tile_index.view(1, 1, N).expand(1, 4, N))[0]
-    codes = tile_index * tile + found[2].long() * rows + found[0].long()  # (N,)
-    unsure = ((found[1] != 1) | (found[3] != 1)).nonzero().squeeze(1)
-    if unsure.numel():
-        codes[unsure] = _argmax_scores(z[unsure // L, :, unsure % L], e_aug)
-    return codes.view(B, L)
-
-
-def _argmax_scores(rows: torch.Tensor, e_aug: torch.Tensor) -> torch.Tensor:
-    """Brute-force argmax of the same scores for a few rows (N', D) -> (N',), in row chunks."""
-    chunk = max(1, SCORE_BLOCK_ELEMENTS // e_aug.shape[0])
-    rows = torch.cat([rows, rows.new_ones(rows.shape[0], 1)], 1)  # (N', D+1)
-    return torch.cat([torch.mm(rows[i:i + chunk], e_aug.t()).argmax(1) for i in range(0, rows.shape[0], chunk)])
+        rows = z[b0:b1, :, l0:l1].transpose(1, 2).reshape(-1, D)  # (n, D); a copy only across items
+        codes[b0:b1, l0:l1] = torch.addmm(half_norms, rows, codebook.t()).argmax(1).view(b1 - b0, l1 - l0)
+    return codes
 
 
 def _gather(codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
