@@ -282,9 +282,10 @@ def test_header_round_trip_and_size(model, prior):
 
 headers = st.builds(
     lambda coder, fps, shapes, uniform, labels: Header(
-        coder, fps[:3], fps[3:], tuple(shapes[:1] * len(shapes)) if uniform else tuple(shapes),
+        coder, fps[:codec.FINGERPRINT_BYTES], fps[codec.FINGERPRINT_BYTES:], tuple(shapes[:1] * len(shapes)) if uniform else tuple(shapes),
         None if labels is None else tuple((labels * len(shapes))[: len(shapes)])),
-    st.sampled_from(codec.CODERS), st.binary(min_size=6, max_size=6),
+    st.sampled_from(codec.CODERS),
+    st.binary(min_size=2 * codec.FINGERPRINT_BYTES, max_size=2 * codec.FINGERPRINT_BYTES),
     st.lists(st.tuples(st.integers(1, 4), st.integers(1, 3000), st.integers(1, 3000)), min_size=1, max_size=5),
     st.booleans(), st.none() | st.lists(st.integers(0, 1000), min_size=1, max_size=5))
 
@@ -305,7 +306,7 @@ def test_uniform_sizes_are_stored_once(model, prior):
 
 def test_fingerprint():
     a, b = tiny_model(), tiny_model()
-    assert len(fingerprint(a)) == 3 and len(fingerprint(a, 8)) == 8
+    assert len(fingerprint(a)) == codec.FINGERPRINT_BYTES and len(fingerprint(a, 8)) == 8
     assert fingerprint(a) == fingerprint(b) == fingerprint(copy.deepcopy(a))
     with torch.no_grad():
         next(b.parameters()).view(-1)[0] += 1e-6
@@ -394,12 +395,13 @@ def test_crafted_headers_are_caught(model, prior, small_file):
         with pytest.raises(CodecError, match=match):
             decompress(model, prior, reseal(bad.to_bytes() + payload))
     raw = bytearray(header.to_bytes())
-    raw[10] |= 0x40  # an unknown flag
+    flags = 4 + 2 * codec.FINGERPRINT_BYTES  # offset of the flags byte
+    raw[flags] |= 0x40  # an unknown flag
     with pytest.raises(CodecError, match="flags"):
         decompress(model, prior, reseal(bytes(raw) + payload))
-    overlong = bytes(raw[:10]) + bytes([raw[10] & 0x3F, 0x81, 0x00])  # image count 1 as two bytes
+    overlong = bytes(raw[:flags]) + bytes([raw[flags] & 0x3F, 0x81, 0x00])  # image count 1 as two bytes
     with pytest.raises(CodecError, match="overlong"):
-        read_header(reseal(overlong + bytes(raw[12:]) + payload))
+        read_header(reseal(overlong + bytes(raw[flags + 2:]) + payload))
 
 
 def test_bad_images_and_arguments(model, prior):

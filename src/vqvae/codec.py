@@ -53,14 +53,14 @@ __all__ = [
 
 MAGIC = b"VQZ"
 VERSION = 1
-FINGERPRINT_BYTES = 3
+FINGERPRINT_BYTES = 2  # with the payload check below, enough to refuse another model's file
 CRC_BYTES = 4
 PRECISION = 24  # integer frequencies of a position sum to 2**24: constriction's range-coder precision
 CHUNK = 128  # sequences per prior batch: part of the format, since logits depend on the batch size
 CODERS = ("range", "huffman")
 FLAG_UNIFORM, FLAG_LABELS, CODER_MASK = 0x10, 0x20, 0x0F  # flags byte: coder id in the low bits
 MAX_IMAGES, MAX_SIDE, MAX_PIXELS, MAX_LABEL = 1 << 20, 1 << 16, 1 << 28, 1 << 16
-MIN_FILE_BYTES = len(MAGIC) + 1 + 2 * FINGERPRINT_BYTES + 1 + 1 + 3 + CRC_BYTES  # empty payload: 19
+MIN_FILE_BYTES = len(MAGIC) + 1 + 2 * FINGERPRINT_BYTES + 1 + 1 + 3 + CRC_BYTES  # empty payload: 17
 
 
 # ------------------------------------------------------------------------------------------------

@@ -107,6 +107,89 @@ torch::Tensor nearest_codes(torch::Tensor z, torch::Tensor e_aug, int64_t tile, 
   });
   return index.to(torch::kLong).view({B, L});
 }
+
+// Forward of the loss, one pass: z_q = codebook[codes] written channels-first, diff = z - z_q, and the
+// sum of diff^2. z (B, D, L), codebook (K, D), codes (B, L), all contiguous.
+std::vector<torch::Tensor> gather_residual(torch::Tensor z, torch::Tensor codebook, torch::Tensor codes) {
+  const int64_t B = z.size(0), D = z.size(1), L = z.size(2), K = codebook.size(0);
+  auto table = codebook.t().contiguous();  // (D, K): row d is dimension d of every code, in L1/L2
+  auto z_q = torch::empty_like(z), diff = torch::empty_like(z);
+  std::vector<double> partial(B * D);
+  const float *zp = z.data_ptr<float>(), *tp = table.data_ptr<float>();
+  const int64_t* cp = codes.data_ptr<int64_t>();
+  float *qp = z_q.data_ptr<float>(), *rp = diff.data_ptr<float>();
+  at::parallel_for(0, B * D, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t row = begin; row < end; ++row) {  // row = (b, d)
+      const int64_t b = row / D, d = row % D;
+      const float* t = tp + d * K;
+      const int64_t* c = cp + b * L;
+      const float* zr = zp + row * L;
+      float *q = qp + row * L, *r = rp + row * L;
+      float acc = 0;
+      #pragma omp simd reduction(+ : acc)
+      for (int64_t l = 0; l < L; ++l) {
+        const float e = t[c[l]], v = zr[l] - e;
+        q[l] = e;
+        r[l] = v;
+        acc += v * v;
+      }
+      partial[row] = acc;
+    }
+  });
+  double total = 0;
+  for (double p : partial) total += p;
+  return {z_q, diff, torch::tensor(total, z.options().dtype(torch::kDouble))};
+}
+
+// Sums of the vectors assigned to each code: values (B, D, L), codes (B, L) -> (K, D). Threads own rows d.
+torch::Tensor scatter_sum(torch::Tensor values, torch::Tensor codes, int64_t K) {
+  const int64_t B = values.size(0), D = values.size(1), L = values.size(2);
+  auto sums = torch::zeros({D, K}, values.options());
+  const float* vp = values.data_ptr<float>();
+  const int64_t* cp = codes.data_ptr<int64_t>();
+  float* sp = sums.data_ptr<float>();
+  at::parallel_for(0, D, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t d = begin; d < end; ++d)
+      for (int64_t b = 0; b < B; ++b) {
+        const float* v = vp + (b * D + d) * L;
+        const int64_t* c = cp + b * L;
+        float* s = sp + d * K;
+        for (int64_t l = 0; l < L; ++l) s[c[l]] += v[l];
+      }
+  });
+  return sums.t().contiguous();
+}
+
+// Backward, one pass over diff (B, D, L): if want_sums, the sums of diff per code (K, D) (read first),
+// then diff <- grad_z_q + scale * diff in place (grad_z_q may be undefined: zero).
+torch::Tensor residual_backward(torch::Tensor diff, torch::Tensor codes, c10::optional<torch::Tensor> grad_z_q,
+                                double scale, int64_t K, bool want_sums) {
+  const int64_t B = diff.size(0), D = diff.size(1), L = diff.size(2);
+  auto sums = want_sums ? torch::zeros({D, K}, diff.options()) : torch::Tensor();
+  float* rp = diff.data_ptr<float>();
+  const float* gp = grad_z_q.has_value() ? grad_z_q->data_ptr<float>() : nullptr;
+  const int64_t* cp = codes.data_ptr<int64_t>();
+  float* sp = want_sums ? sums.data_ptr<float>() : nullptr;
+  const float k = static_cast<float>(scale);
+  at::parallel_for(0, D, 1, [&](int64_t begin, int64_t end) {
+    for (int64_t d = begin; d < end; ++d)
+      for (int64_t b = 0; b < B; ++b) {
+        float* r = rp + (b * D + d) * L;
+        if (sp) {
+          const int64_t* c = cp + b * L;
+          float* s = sp + d * K;
+          for (int64_t l = 0; l < L; ++l) s[c[l]] += r[l];
+        }
+        const float* g = gp ? gp + (b * D + d) * L : nullptr;
+        if (g) {
+          for (int64_t l = 0; l < L; ++l) r[l] = g[l] + k * r[l];
+        } else {
+          for (int64_t l = 0; l < L; ++l) r[l] = k * r[l];
+        }
+      }
+  });
+  return want_sums ? sums.t().contiguous() : sums;
+}
 """
 _kernel = None  # the compiled module; False once it failed to build
 
@@ -118,8 +201,8 @@ def _load_kernel():
         try:
             from torch.utils.cpp_extension import load_inline
 
-            _kernel = load_inline("vqvae_quantizer_kernel", _KERNEL_SOURCE, functions=["nearest_codes"],
-                                  extra_cflags=["-O3"])
+            _kernel = load_inline("vqvae_quantizer_kernel", _KERNEL_SOURCE, functions=["nearest_codes", "gather_residual", "scatter_sum", "residual_backward"],
+                                  extra_cflags=["-O3", "-fopenmp"], extra_ldflags=["-fopenmp"])
         except Exception as e:  # no compiler, no ninja, no headers: the PyTorch search is exact too
             warnings.warn(f"vqvae: the C++ nearest-code search did not build ({str(e).splitlines()[0][:200]}); "
                           "using the slower PyTorch search", RuntimeWarning, stacklevel=3)
@@ -190,20 +273,34 @@ def _nearest_codes(z: torch.Tensor, codebook: torch.Tensor, cols: int | None = N
     return codes
 
 
-def _gather(codebook: torch.Tensor, codes: torch.Tensor) -> torch.Tensor:
-    """codebook (K, D), codes (B, L) -> the chosen codes (B, D, L), written channels-first directly."""
+def _cpu_kernel(t: torch.Tensor):
+    """The compiled kernels where they apply to t (CPU float32), else None."""
+    return _load_kernel() if USE_KERNEL and t.device.type == "cpu" and t.dtype == torch.float32 else None
+
+
+def _gather_residual(z: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor):
+    """z (B, D, L), codebook (K, D), codes (B, L) -> z_q = chosen codes (B, D, L), z - z_q, sum (z - z_q)^2."""
+    kernel = _cpu_kernel(z)
+    if kernel is not None:
+        z_q, diff, total = kernel.gather_residual(z, codebook.contiguous(), codes)
+        return z_q, diff, total.to(z.dtype)
     (B, L), (K, D) = codes.shape, codebook.shape
     table = codebook.t().contiguous()  # (D, K)
     if L < _PER_ITEM_MIN_LENGTH:
-        return table.expand(B, D, K).gather(2, codes[:, None].expand(B, D, L))
-    out = codebook.new_empty(B, D, L)
-    for b in range(B):
-        torch.index_select(table, 1, codes[b], out=out[b])
-    return out
+        z_q = table.expand(B, D, K).gather(2, codes[:, None].expand(B, D, L))
+    else:  # channels-first directly, one contiguous (D, L) slice per item
+        z_q = codebook.new_empty(B, D, L)
+        for b in range(B):
+            torch.index_select(table, 1, codes[b], out=z_q[b])
+    diff = z - z_q
+    return z_q, diff, torch.dot(diff.view(-1), diff.view(-1))
 
 
 def _scatter_sum(values: torch.Tensor, codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
     """Sum of the vectors assigned to each code: values (B, D, L), codes (B, L) -> (K, D)."""
+    kernel = _cpu_kernel(values)
+    if kernel is not None:
+        return kernel.scatter_sum(values.contiguous(), codes, codebook_size)
     B, D, L = values.shape
     sums = values.new_zeros(D, codebook_size)
     if L < _PER_ITEM_MIN_LENGTH:
@@ -230,21 +327,19 @@ def _kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | No
 
 
 class _Quantize(torch.autograd.Function):
-    """z (B, D, L), codebook (K, D), codes (B, L) -> z_q, commitment, codebook_term, in one pass each.
+    """z (B, D, L), codebook (K, D), codes (B, L) -> z_q, commitment, codebook_term.
 
     z_q has the value e exactly, and its gradient passes straight through to z (none to the codebook).
     The two loss terms have the same value, mean |z - e|^2, and differ in where the gradient goes:
     commitment to z only (2 (z - e) / numel), codebook_term to the chosen codes only (scattered sums of
-    2 (e - z) / numel). Written by hand, the backward is one pass over z plus one scatter, where autograd
-    through the gather, two mse_losses and a straight-through sum made several passes and allocations.
+    2 (e - z) / numel). Forward and backward are one pass each over z, by hand, where autograd through a
+    gather, two mse_losses and a straight-through sum made several passes and allocations.
     """
 
     @staticmethod
     def forward(ctx, z: torch.Tensor, codebook: torch.Tensor, codes: torch.Tensor):
-        z_q = _gather(codebook, codes)  # (B, D, L)
-        diff = z - z_q
-        flat = diff.view(-1)
-        commitment = torch.dot(flat, flat) / flat.numel()
+        z_q, diff, total = _gather_residual(z, codebook, codes)  # (B, D, L), (B, D, L), ()
+        commitment = total / diff.numel()
         ctx.save_for_backward(z, z_q, codes)
         # Not saved for backward: the first backward turns it into z's gradient in place (a fresh
         # N x D buffer costs page faults); a second one (retain_graph) recomputes it from z and z_q.
@@ -260,14 +355,22 @@ class _Quantize(torch.autograd.Function):
         diff, ctx.diff = ctx.diff, None
         if diff is None:
             diff = z - z_q
-        grad_z = grad_codebook = None
-        if ctx.needs_input_grad[1] and grad_codebook_term is not None:
-            grad_codebook = _scatter_sum(diff, codes, ctx.codebook_size).mul_(grad_codebook_term * (-2 / diff.numel()))
-        if ctx.needs_input_grad[0]:
-            grad_z = grad_z_q  # straight through
-            if grad_commitment is not None:
-                scale = grad_commitment * (2 / diff.numel())
-                grad_z = diff.mul_(scale) if grad_z is None else torch.addcmul(grad_z, diff, scale, out=diff)
+        numel, K = diff.numel(), ctx.codebook_size
+        want_sums = ctx.needs_input_grad[1] and grad_codebook_term is not None
+        grad_z, sums = grad_z_q, None  # straight through
+        if ctx.needs_input_grad[0] and grad_commitment is not None:
+            scale = grad_commitment * (2 / numel)
+            kernel = _cpu_kernel(diff)
+            if kernel is not None:  # the sums of diff per code, then z's gradient in place, in one pass
+                upstream = None if grad_z_q is None else grad_z_q.contiguous()
+                sums = kernel.residual_backward(diff, codes, upstream, float(scale), K, want_sums)
+                grad_z = diff
+            else:
+                sums = _scatter_sum(diff, codes, K) if want_sums else None
+                grad_z = diff.mul_(scale) if grad_z_q is None else torch.addcmul(grad_z_q, diff, scale, out=diff)
+        elif want_sums:
+            sums = _scatter_sum(diff, codes, K)
+        grad_codebook = sums.mul_(grad_codebook_term * (-2 / numel)) if want_sums else None
         return grad_z, grad_codebook, None
 
 
