@@ -86,6 +86,9 @@ def plot(rows: list[dict], path: Path) -> None:
     for r, marker in zip(rows[:3], ("*", "P", "X")):
         ax.plot(r["bits_per_image"], r["psnr"], marker, markersize=12, label=r["format"])
     ax.set_xscale("log")
+    ticks = [100, 200, 500, 1000, 2000, 5000]
+    ax.set_xticks(ticks, [str(t) for t in ticks])
+    ax.minorticks_off()
     ax.set_xlabel("bits per image")
     ax.set_ylabel("PSNR (dB)")
     ax.set_title("held-out MNIST digits")

@@ -90,10 +90,12 @@ def make_step(name: str, K: int, shape: tuple[int, ...]):
     z0 = torch.randn(*shape, generator=gen)  # (B, D, H, W)
     upstream = torch.randn(*shape, generator=gen)  # the gradient a decoder would send back to z_q
     one = torch.ones(())
+    # Every contender starts from the same codebook, drawn like the data (as k-means init would give),
+    # so that the codes spread over the codebook as in training rather than piling onto a few.
+    codebook = torch.randn(K, D, generator=gen)
     if name == "vqvae-search":
         from vqvae.quantizers import VectorQuantizer, _load_kernel, _nearest_codes
 
-        codebook = VectorQuantizer(K, D).codebook.detach()
         assert _load_kernel() is not None, "the compiled search did not build"
 
         def step():
@@ -105,8 +107,8 @@ def make_step(name: str, K: int, shape: tuple[int, ...]):
         from vqvae.quantizers import EMAVectorQuantizer, VectorQuantizer
 
         quantizers.USE_KERNEL = name != "vqvae-vq-nokernel"
-        module = VectorQuantizer(K, D) if name == "vqvae-vq" else EMAVectorQuantizer(K, D, decay=0.99)
-        module.train()
+        module = EMAVectorQuantizer(K, D, decay=0.99) if name == "vqvae-ema" else VectorQuantizer(K, D)
+        module.train()._set_codes(torch.arange(K), codebook)
 
         def step():
             q = module(z0.detach().requires_grad_())
@@ -124,6 +126,9 @@ def make_step(name: str, K: int, shape: tuple[int, ...]):
         else:
             options.update(decay=0.99, eps=1e-5)
         module = VectorQuantize(**options).train()
+        with torch.no_grad():
+            module._codebook.embed.copy_(codebook[None])
+            module._codebook.embed_avg.copy_(codebook[None])
 
         def step():
             quantized, _, loss = module(z0.detach().requires_grad_())

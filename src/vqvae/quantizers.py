@@ -141,23 +141,36 @@ std::vector<torch::Tensor> gather_residual(torch::Tensor z, torch::Tensor codebo
   return {z_q, diff, torch::tensor(total, z.options().dtype(torch::kDouble))};
 }
 
-// Sums of the vectors assigned to each code: values (B, D, L), codes (B, L) -> (K, D). Threads own rows d.
+// sums[c[l], d0:d1] += v[d0:d1, l] for one item v (D, L), c (L): through a transposed tile of 64 positions,
+// so that each add is a contiguous row (a scalar scatter per element is several times slower).
+static void add_to_codes(const float* v, const int64_t* c, int64_t D, int64_t L, int64_t d0, int64_t d1,
+                         float* sums, float* tile) {
+  const int64_t w = d1 - d0;
+  for (int64_t l0 = 0; l0 < L; l0 += 64) {
+    const int64_t n = std::min<int64_t>(64, L - l0);
+    for (int64_t d = d0; d < d1; ++d)
+      for (int64_t j = 0; j < n; ++j) tile[j * w + (d - d0)] = v[d * L + l0 + j];
+    for (int64_t j = 0; j < n; ++j) {
+      float* dst = sums + c[l0 + j] * D + d0;
+      const float* src = tile + j * w;
+      for (int64_t i = 0; i < w; ++i) dst[i] += src[i];
+    }
+  }
+}
+
+// Sums of the vectors assigned to each code: values (B, D, L), codes (B, L) -> (K, D). Threads own
+// ranges of d, so no two write the same element.
 torch::Tensor scatter_sum(torch::Tensor values, torch::Tensor codes, int64_t K) {
   const int64_t B = values.size(0), D = values.size(1), L = values.size(2);
-  auto sums = torch::zeros({D, K}, values.options());
+  auto sums = torch::zeros({K, D}, values.options());
   const float* vp = values.data_ptr<float>();
   const int64_t* cp = codes.data_ptr<int64_t>();
   float* sp = sums.data_ptr<float>();
-  at::parallel_for(0, D, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t d = begin; d < end; ++d)
-      for (int64_t b = 0; b < B; ++b) {
-        const float* v = vp + (b * D + d) * L;
-        const int64_t* c = cp + b * L;
-        float* s = sp + d * K;
-        for (int64_t l = 0; l < L; ++l) s[c[l]] += v[l];
-      }
+  at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) {
+    std::vector<float> tile(64 * (d1 - d0));
+    for (int64_t b = 0; b < B; ++b) add_to_codes(vp + b * D * L, cp + b * L, D, L, d0, d1, sp, tile.data());
   });
-  return sums.t().contiguous();
+  return sums;
 }
 
 // Backward, one pass over diff (B, D, L): if want_sums, the sums of diff per code (K, D) (read first),
@@ -165,21 +178,18 @@ torch::Tensor scatter_sum(torch::Tensor values, torch::Tensor codes, int64_t K) 
 torch::Tensor residual_backward(torch::Tensor diff, torch::Tensor codes, c10::optional<torch::Tensor> grad_z_q,
                                 double scale, int64_t K, bool want_sums) {
   const int64_t B = diff.size(0), D = diff.size(1), L = diff.size(2);
-  auto sums = want_sums ? torch::zeros({D, K}, diff.options()) : torch::Tensor();
+  auto sums = want_sums ? torch::zeros({K, D}, diff.options()) : torch::Tensor();
   float* rp = diff.data_ptr<float>();
   const float* gp = grad_z_q.has_value() ? grad_z_q->data_ptr<float>() : nullptr;
   const int64_t* cp = codes.data_ptr<int64_t>();
   float* sp = want_sums ? sums.data_ptr<float>() : nullptr;
   const float k = static_cast<float>(scale);
-  at::parallel_for(0, D, 1, [&](int64_t begin, int64_t end) {
-    for (int64_t d = begin; d < end; ++d)
-      for (int64_t b = 0; b < B; ++b) {
+  at::parallel_for(0, D, 1, [&](int64_t d0, int64_t d1) {
+    std::vector<float> tile(64 * (d1 - d0));
+    for (int64_t b = 0; b < B; ++b) {
+      if (sp) add_to_codes(rp + b * D * L, cp + b * L, D, L, d0, d1, sp, tile.data());
+      for (int64_t d = d0; d < d1; ++d) {
         float* r = rp + (b * D + d) * L;
-        if (sp) {
-          const int64_t* c = cp + b * L;
-          float* s = sp + d * K;
-          for (int64_t l = 0; l < L; ++l) s[c[l]] += r[l];
-        }
         const float* g = gp ? gp + (b * D + d) * L : nullptr;
         if (g) {
           for (int64_t l = 0; l < L; ++l) r[l] = g[l] + k * r[l];
@@ -187,8 +197,9 @@ torch::Tensor residual_backward(torch::Tensor diff, torch::Tensor codes, c10::op
           for (int64_t l = 0; l < L; ++l) r[l] = k * r[l];
         }
       }
+    }
   });
-  return want_sums ? sums.t().contiguous() : sums;
+  return sums;
 }
 """
 _kernel = None  # the compiled module; False once it failed to build
