@@ -38,7 +38,7 @@ def _print_figures(title: str, figures: dict, as_json: bool) -> None:
 def train(
     data: str = typer.Option("mnist", help="Dataset URI: mnist, digits, photos, folder:PATH, npy:PATH."),
     out_dir: Path = typer.Option(Path("runs/mnist"), "--out", help="Run directory to write."),
-    steps: int = typer.Option(6000, help="Training steps (the schedule runs over them)."),
+    steps: int = typer.Option(8000, help="Training steps (the schedule runs over them)."),
     max_seconds: float = typer.Option(0.0, help="Stop after this much training time (0: no limit)."),
     batch_size: int = typer.Option(32),
     lr: float = typer.Option(2e-3, help="Peak learning rate (Adam; warmup, then cosine decay)."),

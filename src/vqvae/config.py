@@ -114,7 +114,7 @@ class TrainConfig:
     """How an autoencoder is trained: a step budget and/or a wall-clock budget, whichever ends first."""
 
     data: str = "mnist"
-    steps: int = 6000
+    steps: int = 8000
     max_seconds: float = 0.0
     batch_size: int = 32
     lr: float = 2e-3
