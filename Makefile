@@ -25,9 +25,10 @@ $(VENV)/.bench: $(VENV)/.installed
 	$(BIN)/python -m pip install -q -e '.[test,bench]' $(TORCH_PIN)
 	touch $@
 
+BENCH_THREADS ?= 1
 bench: $(VENV)/.bench
-	$(BIN)/python benchmarks/quantizer.py
-	$(BIN)/python benchmarks/train.py
+	$(BIN)/python benchmarks/quantizer.py --threads $(BENCH_THREADS)
+	$(BIN)/python benchmarks/train.py --threads $(BENCH_THREADS)
 	$(BIN)/python benchmarks/sampling.py
 
 clean:

@@ -23,8 +23,16 @@ Time: median over all timed steps of all rounds; rounds run the contenders in tu
 burst of load from other processes hits all of them alike. Ratios are between medians of one run.
 Peak memory: the subprocess's peak resident set size (VmHWM, reset through /proc/self/clear_refs once
 inputs and modules exist) minus its resident set size at that moment: what one step adds on top of its
-inputs and parameters. Each subprocess runs under an address-space limit (--memory-limit-gb), so a
-contender that needs more fails with an allocation error instead of bringing the machine down.
+inputs and parameters. "page faults": minor page faults per timed step (ru_minflt): first touches of
+memory that glibc returned to the system; on a VM each costs a few microseconds, and 4,000 a step
+(two fresh N x D float32 tensors) cost several ms, so allocator settings (MALLOC_TRIM_THRESHOLD_,
+jemalloc) move the ratios; the table is with the default allocator. Each subprocess runs under an
+address-space limit (--memory-limit-gb), so a contender that needs more fails with an allocation error
+instead of bringing the machine down.
+
+Threads: torch's default unless --threads N (the run prints and records the count). On a machine shared
+with other jobs, use --threads 1: OpenMP threads that wait for a busy core make every multi-threaded
+matmul erratic (one addmm per chunk pays it each time), which swamps the ratios.
 
 Prints a table per codebook size and writes benchmarks/results/quantizer.json.
 """
@@ -153,12 +161,15 @@ def worker(args) -> None:
         baseline_kib = min(baseline_kib, resource.getrusage(resource.RUSAGE_SELF).ru_maxrss)
     times = []
     for i in range(args.warmup + args.repeats):
+        if i == args.warmup:
+            faults = resource.getrusage(resource.RUSAGE_SELF).ru_minflt
         t0 = time.perf_counter()
         step()
         if i >= args.warmup:
             times.append(time.perf_counter() - t0)
+    faults = (resource.getrusage(resource.RUSAGE_SELF).ru_minflt - faults) / args.repeats
     peak_kib = _status_kib("VmHWM") if exact_peak else resource.getrusage(resource.RUSAGE_SELF).ru_maxrss
-    print(json.dumps({"times": times, "peak_extra_mib": (peak_kib - baseline_kib) / 1024,
+    print(json.dumps({"times": times, "peak_extra_mib": (peak_kib - baseline_kib) / 1024, "faults_per_step": faults,
                       "peak_method": "VmHWM reset" if exact_peak else "ru_maxrss",
                       "threads": torch.get_num_threads(), "description": description}))
 
@@ -205,6 +216,7 @@ def summarise(K: int, runs: dict[str, list[dict]]) -> dict:
         rows[name] = {"status": "ok", "median_ms": 1e3 * statistics.median(times),
                       "min_ms": 1e3 * min(times), "steps": len(times),
                       "peak_extra_mib": max(r["peak_extra_mib"] for r in ok),
+                      "faults_per_step": statistics.median(r["faults_per_step"] for r in ok),
                       "peak_method": ok[0]["peak_method"], "threads": ok[0]["threads"],
                       "description": ok[0]["description"]}
     floors = {n: r["median_ms"] for n, r in rows.items() if n.startswith("floor/") and r["status"] == "ok"}
@@ -247,15 +259,16 @@ def print_table(K: int, summary: dict, args) -> None:
     rows = summary["rows"]
     print(f"\nK={K}, D={args.shape[1]}, z_e {tuple(args.shape)} (N={summary['N']}), forward + backward, "
           f"{summary['threads']} thread(s), median of {summary['steps']} steps in {rounds_for(K, args)} round(s)")
-    print(f"{'contender':<14}{'median ms':>11}{'x floor':>9}{'peak extra MiB':>16}{'VQ-pytorch / this':>19}")
+    print(f"{'contender':<18}{'median ms':>10}{'x floor':>9}{'peak extra MiB':>16}{'page faults':>13}"
+          f"{'VQ-pytorch / this':>19}")
     for name, r in rows.items():
         if r["status"] != "ok":
-            print(f"{name:<14}  {r['status']}")
+            print(f"{name:<18}  {r['status']}")
             continue
         mark = " <- floor" if name == summary["floor"] else ""
         speed = f"{r['speedup_vs_vector_quantize']:.1f}x" if "speedup_vs_vector_quantize" in r else ""
-        print(f"{name:<14}{r['median_ms']:>11.1f}{r.get('x_floor', float('nan')):>9.2f}"
-              f"{r['peak_extra_mib']:>16.0f}{speed:>19}{mark}")
+        print(f"{name:<18}{r['median_ms']:>10.1f}{r.get('x_floor', float('nan')):>9.2f}"
+              f"{r['peak_extra_mib']:>16.0f}{r['faults_per_step']:>13.0f}{speed:>19}{mark}")
     for text, met in summary["targets"]:
         print(f"  target {'met    ' if met else 'NOT MET'}  {text}")
 

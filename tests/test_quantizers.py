@@ -188,3 +188,159 @@ def test_dead_code_restart_disabled_by_zero():
     for _ in range(5):
         vq(torch.randn(1, 2, 16) + 100)
     assert torch.equal(vq.codebook.detach(), before)
+
+
+# --- the fast paths: compiled CPU kernel and PyTorch fallback give the reference results ----------------
+
+from vqvae import quantizers  # noqa: E402
+
+HAS_KERNEL = quantizers._load_kernel() is not None
+PATHS = [pytest.param(True, marks=pytest.mark.skipif(not HAS_KERNEL, reason="C++ kernel did not build"), id="kernel"),
+         pytest.param(False, id="pytorch")]
+
+
+@pytest.fixture(params=PATHS)
+def use_kernel(request, monkeypatch):
+    monkeypatch.setattr(quantizers, "USE_KERNEL", request.param)
+    return request.param
+
+
+def reference_quantize(z_e, codebook, beta, ema=False):
+    """The straightforward implementation the fast one replaces: rows, gather, two mse_losses, STE."""
+    B, D = z_e.shape[:2]
+    z = z_e.movedim(1, -1).reshape(-1, D)  # (N, D)
+    codes = brute_force_distances(z.detach(), codebook.detach()).argmin(1)
+    e = codebook[codes]
+    loss = beta * F.mse_loss(z, e.detach()) + (0 if ema else F.mse_loss(e, z.detach()))
+    z_q = z + (e - z).detach()
+    return z_q.view(B, *z_e.shape[2:], D).movedim(-1, 1), codes.view(B, *z_e.shape[2:]), loss
+
+
+@pytest.mark.parametrize("shape", [(2, 5, 3, 4), (3, 5, 100), (1, 5, 70, 3)])  # items shorter / longer than a block
+def test_forward_and_gradients_match_reference(use_kernel, shape):
+    gen = torch.Generator().manual_seed(0)
+    beta = 0.3
+    vq = VectorQuantizer(40, shape[1], commitment_weight=beta)
+    vq.codebook.data = torch.randn(40, shape[1], generator=gen)
+    z_e = torch.randn(*shape, generator=gen, requires_grad=True)
+    upstream = torch.randn(*shape, generator=gen)
+    q = vq(z_e)
+    grads = torch.autograd.grad(q.loss + (q.z_q * upstream).sum(), [z_e, vq.codebook])
+    ref_z_q, ref_codes, ref_loss = reference_quantize(z_e, vq.codebook, beta)
+    ref_grads = torch.autograd.grad(ref_loss + (ref_z_q * upstream).sum(), [z_e, vq.codebook])
+    assert torch.equal(q.codes, ref_codes)
+    assert torch.allclose(q.z_q, ref_z_q, atol=1e-6) and torch.allclose(q.loss, ref_loss, rtol=1e-5)
+    for got, want in zip(grads, ref_grads):
+        assert torch.allclose(got, want, rtol=1e-5, atol=1e-6)
+
+
+def test_second_backward_with_retain_graph_gives_the_same_gradient(use_kernel):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 4)
+    z_e = torch.randn(2, 4, 8, 8, requires_grad=True)
+    q = vq(z_e)
+    total = q.loss + q.z_q.square().sum()
+    first = torch.autograd.grad(total, [z_e, vq.codebook], retain_graph=True)
+    second = torch.autograd.grad(total, [z_e, vq.codebook])
+    for a, b in zip(first, second):
+        assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
+
+
+@pytest.mark.parametrize("K,D,N", [(5000, 4, 600), (300, 64, 1000), (2, 3, 70)])
+def test_search_paths_agree_with_brute_force_across_code_tiles(K, D, N, monkeypatch):
+    monkeypatch.setattr(quantizers, "CODE_TILE", 256)  # several tiles even for small K
+    gen = torch.Generator().manual_seed(K + D)
+    z, codebook = torch.randn(2, D, N // 2, generator=gen), torch.randn(K, D, generator=gen)
+    rows = z.transpose(1, 2).reshape(-1, D)
+    dist = brute_force_distances(rows, codebook)
+    for use in [False] + [True] * HAS_KERNEL:
+        monkeypatch.setattr(quantizers, "USE_KERNEL", use)
+        codes = quantizers._nearest_codes(z, codebook).view(-1)
+        assert torch.allclose(dist.gather(1, codes[:, None]), dist.min(1, keepdim=True).values, rtol=1e-5, atol=1e-5)
+
+
+def test_ties_go_to_the_lowest_index_across_tiles(use_kernel, monkeypatch):
+    monkeypatch.setattr(quantizers, "CODE_TILE", 4)
+    codebook = torch.tensor([[9.0, 9.0], [1.0, 0.0], [5.0, 5.0], [7.0, 7.0], [8.0, 8.0], [1.0, 0.0], [1.0, 0.0]])
+    z = torch.tensor([[1.0, 0.1], [1.0, -0.1], [5.0, 5.0]])
+    assert nearest_codes(z, codebook).tolist() == [1, 1, 2]
+
+
+def test_nan_latent_gets_the_same_code_as_argmax(use_kernel):
+    codebook = torch.randn(10, 3)
+    z = torch.randn(4, 3)
+    z[2, 1] = float("nan")
+    expected = torch.addmm(-0.5 * codebook.pow(2).sum(1), z, codebook.t()).argmax(1)
+    assert torch.equal(nearest_codes(z, codebook), expected)
+
+
+def test_ema_update_and_stats_same_on_both_paths(monkeypatch):
+    if not HAS_KERNEL:
+        pytest.skip("C++ kernel did not build")
+    z_e = torch.randn(4, 8, 9, 9, generator=torch.Generator().manual_seed(5))
+    results = []
+    for use in (True, False):
+        monkeypatch.setattr(quantizers, "USE_KERNEL", use)
+        torch.manual_seed(0)
+        vq = EMAVectorQuantizer(32, 8, decay=0.9).train()
+        q = vq(z_e)
+        results.append((q.codes, q.loss, q.stats["perplexity"], vq.codebook.clone(), vq.embed_sum.clone()))
+    for a, b in zip(*results):
+        assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)
+
+
+def test_channels_last_and_low_precision_inputs(use_kernel):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 8)
+    z_e = torch.randn(2, 8, 5, 6)
+    codes = vq(z_e).codes
+    assert torch.equal(vq(z_e.to(memory_format=torch.channels_last)).codes, codes)
+    q = vq(z_e.to(torch.bfloat16))
+    assert q.z_q.dtype == torch.bfloat16 and q.z_q.shape == z_e.shape
+    assert torch.equal(q.z_q.float(), vq.codebook.detach()[q.codes].permute(0, 3, 1, 2).bfloat16().float())
+
+
+def test_empty_batch(use_kernel):
+    q = VectorQuantizer(8, 4)(torch.randn(0, 4, 3, 3))
+    assert q.codes.shape == (0, 3, 3) and q.z_q.shape == (0, 4, 3, 3)
+
+
+@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 10_000])
+def test_chunking_does_not_change_codes_of_pytorch_search(chunk_rows, monkeypatch):
+    monkeypatch.setattr(quantizers, "USE_KERNEL", False)
+    gen = torch.Generator().manual_seed(0)
+    z, codebook = torch.randn(300, 8, generator=gen), torch.randn(50, 8, generator=gen)
+    assert torch.equal(nearest_codes(z, codebook, chunk_rows), nearest_codes(z, codebook, 300))
+
+
+def test_quantizer_works_when_the_kernel_cannot_build(monkeypatch):
+    import torch.utils.cpp_extension
+
+    def no_compiler(*args, **kwargs):
+        raise RuntimeError("no C++ compiler")
+
+    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
+    monkeypatch.setattr(quantizers, "_kernel", None)
+    z_e = torch.randn(2, 4, 3, 3)
+    vq = VectorQuantizer(8, 4)
+    with pytest.warns(RuntimeWarning, match="did not build"):
+        q = vq(z_e)
+    flat = z_e.permute(0, 2, 3, 1).reshape(-1, 4)
+    assert torch.equal(q.codes.reshape(-1), brute_force_distances(flat, vq.codebook).argmin(1))
+    assert quantizers._kernel is False  # not retried on every call
+
+
+def test_workspace_reused_only_once_outputs_are_gone(use_kernel):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(16, 4)
+    z1, z2 = torch.randn(2, 4, 8, 8), torch.randn(2, 4, 8, 8) + 3
+    q1 = vq(z1.requires_grad_())
+    kept = q1.z_q.detach().clone()
+    vq(z2)  # q1 (its z_q, and the graph holding z - z_q) is still alive: must not be overwritten
+    assert torch.equal(q1.z_q.detach(), kept)
+    grad = torch.autograd.grad(q1.loss + q1.z_q.sum(), z1)[0]
+    assert torch.allclose(grad, 1 + 2 * 0.25 * (z1 - kept).detach() / z1.numel(), atol=1e-6)
+    if use_kernel:
+        del q1, grad
+        first = vq(z1.detach()).z_q.data_ptr()  # the buffer of the output just dropped is free again
+        assert vq(z2).z_q.data_ptr() == first
