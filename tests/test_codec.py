@@ -467,3 +467,26 @@ def test_random_mutations_give_codec_error_or_the_right_images(model, prior, mut
         return
     assert bytes(data) == original  # anything else must have raised
     assert all(torch.equal(a, b) for a, b in zip(out, expected))
+
+
+def test_round_trip_of_the_500_held_out_digits():
+    """The issue's round trip on real data: every held-out MNIST digit, one file, both coders."""
+    from vqvae.data import load_dataset
+
+    model = tiny_model()
+    prior = tiny_prior(num_classes=10)
+    digits = load_dataset("mnist").test
+    assert len(digits) == 500
+    with torch.no_grad():
+        model.train()
+        model(digits[:100])  # k-means initialisation on real digits, so many codes occur
+        model.eval()
+    codes = model.encode(digits)
+    expected = model.decode(codes).clamp(0, 1)
+    counts = torch.bincount(codes.flatten(), minlength=model.cfg.quantizer.codebook_size)
+    for coder in ("range", "huffman"):
+        data, stats = compress(model, prior if coder == "range" else None, list(digits), coder=coder,
+                               code_counts=counts)
+        assert torch.equal(torch.stack(stats["codes"]), codes)
+        images = decompress(model, prior if coder == "range" else None, data, code_counts=counts)
+        assert len(images) == 500 and all(torch.equal(a, b) for a, b in zip(images, expected))
