@@ -12,15 +12,15 @@ from pathlib import Path
 
 import torch
 import torch.nn.functional as F
-from safetensors.torch import load_file, save_file
 from torch import nn
 
-from .config import ModelConfig, from_dict, to_dict, write_json
+from . import pretrained
+from .config import ModelConfig, from_dict, to_dict
 from .errors import RunError
 from .nets import Decoder, Encoder
 from .quantizers import Quantized, build_quantizer
 
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME  # noqa: F401 (re-exported)
 
 
 @dataclass
@@ -86,32 +86,17 @@ class VQVAE(nn.Module):
 
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> None:
         """Write `config.json` (model config plus `extra` keys) and `model.safetensors`, atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        state = {k: v.detach().contiguous().cpu() for k, v in self.state_dict().items()}
-        save_file(state, str(tmp))
-        tmp.replace(directory / WEIGHTS_NAME)
-        write_json(directory / CONFIG_NAME, {**(extra or {}), "model": to_dict(self.cfg)})
+        pretrained.save(self, directory, {**(extra or {}), "model": to_dict(self.cfg)})
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "VQVAE":
         """Rebuild from `config.json` and load `model.safetensors` (never unpickles)."""
-        directory = Path(directory)
-        config, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config, weights):
-            if not path.is_file():
-                raise RunError(f"{path}: missing; expected a run directory written by `vqvae train`")
+        config = pretrained.read_config(directory, "a run directory written by `vqvae train`", "model")
         try:
-            cfg = from_dict(ModelConfig, json.loads(config.read_text())["model"])
-        except (ValueError, KeyError) as e:
-            raise RunError(f"{config}: not a vqvae model config ({e})") from None
-        model = cls(cfg)
-        try:
-            model.load_state_dict(load_file(str(weights), device=str(device)))
-        except Exception as e:  # safetensors raises its own error types for bad headers
-            raise RunError(f"{weights}: cannot load weights ({str(e).splitlines()[0]})") from None
-        return model.to(device).eval()
+            cfg = from_dict(ModelConfig, config["model"])
+        except KeyError as e:
+            raise RunError(f"{Path(directory) / CONFIG_NAME}: not a vqvae model config (no {e} section)") from None
+        return pretrained.load_weights(cls(cfg), directory, device)
 
 
 def read_run_config(directory: str | Path) -> dict:

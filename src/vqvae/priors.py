@@ -17,7 +17,6 @@ never recomputed. The entropy coder drives it on both sides: see `Prior.step` fo
 from __future__ import annotations
 
 import contextlib
-import json
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -25,13 +24,13 @@ from pathlib import Path
 import torch
 import torch.nn.functional as F
 from einops import rearrange
-from safetensors.torch import load_file, save_file
 from torch import Tensor, nn
 
-from .config import PriorConfig, from_dict, to_dict, write_json
-from .errors import RunError
+from . import pretrained
+from .config import PriorConfig, from_dict, to_dict
+from .errors import ConfigError, RunError
 
-CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
+from .pretrained import CONFIG_NAME, WEIGHTS_NAME  # noqa: F401 (re-exported)
 
 __all__ = [
     "DecodeState", "Prior", "TransformerPrior", "PixelCNNPrior",
@@ -194,13 +193,7 @@ class Prior(nn.Module):
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write `config.json` (the PriorConfig) and `model.safetensors`, each atomically."""
-        directory = Path(directory)
-        directory.mkdir(parents=True, exist_ok=True)
-        weights = {k: v.detach().cpu().contiguous() for k, v in self.state_dict().items()}
-        tmp = directory / (WEIGHTS_NAME + ".tmp")
-        save_file(weights, str(tmp), metadata={"format": "pt"})
-        tmp.replace(directory / WEIGHTS_NAME)
-        write_json(directory / CONFIG_NAME, to_dict(self.cfg))
+        pretrained.save(self, directory, to_dict(self.cfg))
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "Prior":
@@ -208,23 +201,15 @@ class Prior(nn.Module):
 
         Called on `Prior` it builds whichever arch the config names; on a subclass the arch must match.
         """
-        directory = Path(directory)
-        config, weights = directory / CONFIG_NAME, directory / WEIGHTS_NAME
-        for path in (config, weights):
-            if not path.is_file():
-                raise RunError(f"{path}: missing; expected a prior directory written by save_pretrained")
+        config = pretrained.read_config(directory, "a prior directory written by save_pretrained", "prior")
         try:
-            cfg = from_dict(PriorConfig, json.loads(config.read_text()))
-        except ValueError as e:  # JSON errors and ConfigError alike
-            raise RunError(f"{config}: not a vqvae prior config ({e})") from None
+            cfg = from_dict(PriorConfig, config)
+        except ConfigError as e:  # a field out of range or unknown: name the file
+            raise RunError(f"{Path(directory) / CONFIG_NAME}: not a vqvae prior config ({e})") from None
         model = build_prior(cfg)
         if not isinstance(model, cls):
-            raise RunError(f"{config}: holds a {cfg.arch} prior, not a {cls.__name__}")
-        try:
-            model.load_state_dict(load_file(str(weights), device=str(device)))
-        except Exception as e:  # safetensors raises its own error types for bad headers
-            raise RunError(f"{weights}: cannot load weights ({str(e).splitlines()[0]})") from None
-        return model.to(device).eval()
+            raise RunError(f"{Path(directory) / CONFIG_NAME}: holds a {cfg.arch} prior, not a {cls.__name__}")
+        return pretrained.load_weights(model, directory, device)
 
 
 # ------------------------------------------------------------------------------------------------
