@@ -5,7 +5,7 @@ import torch
 
 from vqvae.config import PriorConfig
 from vqvae.metrics import (bits_per_dim, code_histogram, codes_used, discretized_gaussian_nll_bits, fit_log_scale,
-                           perplexity, prior_bits)
+                           perplexity)
 from vqvae.priors import build_prior
 
 
@@ -56,16 +56,3 @@ def test_perplexity_and_usage():
     counts = code_histogram(torch.tensor([0, 0, 1, 1, 2, 2, 3, 3]), 8)
     assert perplexity(counts) == pytest.approx(4.0)
     assert codes_used(counts) == 0.5
-
-
-def test_prior_bits_matches_log_prob_and_marginalises_classes():
-    torch.manual_seed(0)
-    codes = torch.randint(0, 5, (6, 2, 3))
-    plain = build_prior(PriorConfig(codebook_size=5, grid=(2, 3), n_layer=1, n_head=1, n_embd=8)).eval()
-    assert torch.allclose(prior_bits(plain, codes, batch_size=4), -plain.log_prob(codes).double() / math.log(2),
-                          atol=1e-5)
-    conditional = build_prior(PriorConfig(codebook_size=5, grid=(2, 3), num_classes=3, n_layer=1, n_head=1,
-                                          n_embd=8)).eval()
-    per_class = torch.stack([conditional.log_prob(codes, torch.full((6,), y)) for y in range(3)]).double()
-    expected = -(per_class.exp().mean(0)).log() / math.log(2)
-    assert torch.allclose(prior_bits(conditional, codes), expected, atol=1e-5)

@@ -9,7 +9,7 @@ import torch
 from vqvae.config import PriorConfig
 from vqvae.errors import RunError
 from vqvae.priors import (
-    PixelCNNPrior, TransformerPrior, build_prior, load_prior, nll_bits, sample_from_logits,
+    PixelCNNPrior, TransformerPrior, build_prior, load_prior, prior_bits, sample_from_logits,
 )
 
 ARCHS = ["transformer", "pixelcnn"]
@@ -180,23 +180,21 @@ def test_short_training_lowers_nll(arch, num_classes):
         opt.step()
     test = structured_codes(256, K, grid, g)
     cond = test.view(256, -1)[:, 0] % num_classes if num_classes else None
-    result = nll_bits(prior, test, cond, batch_size=100)
+    bits_per_latent = float(prior_bits(prior, test, cond, batch_size=100).mean()) / 16
     # a perfect model pays log2(K) bits for the first code only (less given the label)
-    assert result["bits_per_latent"] < 0.15 * math.log2(K)  # measured 0.06-0.2; log2(K) = 3
-    assert prior.training  # nll_bits restored the mode
+    assert bits_per_latent < 0.15 * math.log2(K)  # measured 0.06-0.2; log2(K) = 3
+    assert prior.training  # prior_bits restored the mode
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_nll_bits_matches_log_prob(arch):
+def test_prior_bits_with_labels_matches_log_prob(arch):
     prior = tiny(arch, num_classes=3)
     codes = random_codes(prior, 10).to(torch.int16)  # stored codes are int16
     cond = labels(prior, 10)
-    result = nll_bits(prior, codes, cond, batch_size=4)
+    bits = prior_bits(prior, codes, cond, batch_size=4)
     with torch.no_grad():
-        nats = -prior.log_prob(codes.long(), cond).double().mean().item()
-    assert result["bits_per_image"] == pytest.approx(nats / math.log(2), rel=1e-5)
-    assert result["bits_per_latent"] == pytest.approx(nats / math.log(2) / 12, rel=1e-5)
-    assert result["num_images"] == 10
+        nats = -prior.log_prob(codes.long(), cond).double()
+    assert torch.allclose(bits, nats / math.log(2), rtol=1e-5)
 
 
 @pytest.mark.parametrize("arch", ARCHS)
@@ -258,3 +256,16 @@ def test_bad_inputs_raise_clear_errors(arch):
     with pytest.raises(RuntimeError, match="eval"):
         dropout.start(2)
     assert dropout.sample(2).shape == (2, 3, 4) and dropout.training  # sample switches to eval and back
+
+
+def test_prior_bits_matches_log_prob_and_marginalises_classes():
+    torch.manual_seed(0)
+    codes = torch.randint(0, 5, (6, 2, 3))
+    plain = build_prior(PriorConfig(codebook_size=5, grid=(2, 3), n_layer=1, n_head=1, n_embd=8)).eval()
+    assert torch.allclose(prior_bits(plain, codes, batch_size=4), -plain.log_prob(codes).double() / math.log(2),
+                          atol=1e-5)
+    conditional = build_prior(PriorConfig(codebook_size=5, grid=(2, 3), num_classes=3, n_layer=1, n_head=1,
+                                          n_embd=8)).eval()
+    per_class = torch.stack([conditional.log_prob(codes, torch.full((6,), y)) for y in range(3)]).double()
+    expected = -(per_class.exp().mean(0)).log() / math.log(2)
+    assert torch.allclose(prior_bits(conditional, codes), expected, atol=1e-5)

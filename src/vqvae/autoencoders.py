@@ -45,10 +45,6 @@ class VQVAE(nn.Module):
         self.quantizer = build_quantizer(q)
         self.decoder = Decoder(*args)
 
-    def latent_shape(self, spatial: tuple[int, ...]) -> tuple[int, ...]:
-        """Code grid shape for an input of spatial shape `spatial` (each a multiple of downsample)."""
-        return tuple(s // self.cfg.downsample for s in spatial)
-
     def _check_input(self, x: torch.Tensor) -> None:
         f = self.cfg.downsample
         if x.dim() != self.cfg.dims + 2 or x.shape[1] != self.cfg.in_channels:

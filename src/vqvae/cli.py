@@ -223,8 +223,8 @@ def _bits_per_dim(run: Path) -> dict:
     """bits_per_dim of the held-out split: prior bits + discretized-Gaussian pixel bits, per dimension."""
     from .autoencoders import VQVAE, read_run_config
     from .data import load_dataset, pad_to_multiple, unpad
-    from .metrics import bits_per_dim, fit_log_scale, prior_bits
-    from .priors import load_prior
+    from .metrics import bits_per_dim, fit_log_scale
+    from .priors import load_prior, prior_bits
     from .train import PRIOR_DIR, encode_split
 
     if not (run / PRIOR_DIR / "model.safetensors").is_file():

@@ -28,7 +28,6 @@ The byte layout is in docs/format.md.
 
 from __future__ import annotations
 
-import contextlib
 import hashlib
 import heapq
 import math
@@ -44,6 +43,7 @@ from torch import Tensor, nn
 from .autoencoders import VQVAE
 from .data import pad_to_multiple, unpad
 from .errors import CodecError
+from .nets import eval_mode
 from .priors import Prior
 
 __all__ = [
@@ -416,20 +416,6 @@ def _huffman_decode(counts: np.ndarray, payload: bytes, total: int) -> np.ndarra
 # ------------------------------------------------------------------------------------------------
 
 
-@contextlib.contextmanager
-def _eval_mode(*modules: nn.Module | None):
-    """Eval mode (no dropout, no quantizer updates) for a block; each module's mode restored after."""
-    modules = [m for m in modules if m is not None]
-    modes = [m.training for m in modules]
-    for m in modules:
-        m.eval()
-    try:
-        yield
-    finally:
-        for m, mode in zip(modules, modes):
-            m.train(mode)
-
-
 def _check_model(model: VQVAE) -> None:
     if model.cfg.dims != 2:
         raise CodecError(f".vqz files hold images: the model must be 2-D (dims=2), got dims={model.cfg.dims}")
@@ -506,7 +492,7 @@ def compress(model: VQVAE, prior: Prior | None, images: list[Tensor], coder: str
     else:
         counts = _check_counts(model, code_counts)
     factor, device = model.cfg.downsample, next(model.parameters()).device
-    with _eval_mode(model, prior):
+    with eval_mode(model, prior):
         codes = []
         for x in images:
             padded, _ = pad_to_multiple(x.to(device, torch.float32)[None], factor)  # (1, C, H', W')
@@ -554,7 +540,7 @@ def decompress(model: VQVAE, prior: Prior | None, data: bytes, code_counts: Tens
     """
     header, payload = _parse(data)
     _check_model(model)
-    with _eval_mode(model, prior):
+    with eval_mode(model, prior):
         if header.model_fingerprint != fingerprint(model):
             raise CodecError(f"this .vqz file was made with another model (fingerprint "
                              f"{header.model_fingerprint.hex()}, the given model's is {fingerprint(model).hex()})")

@@ -66,10 +66,6 @@ def codes_used(counts: torch.Tensor) -> float:
     return float((counts > 0).double().mean())
 
 
-def bits(nats: float | torch.Tensor) -> float:
-    return float(nats) / math.log(2)
-
-
 @torch.no_grad()
 def evaluate_autoencoder(model, images: torch.Tensor, batch_size: int = 250) -> dict:
     """Held-out figures of an autoencoder on images (B, C, H, W) in [0, 1], sizes a multiple of downsample.
@@ -150,25 +146,3 @@ def bits_per_dim(prior_bits_per_image: torch.Tensor, x: torch.Tensor, x_hat: tor
     """
     dims = x[0].numel()
     return (prior_bits_per_image.double() + discretized_gaussian_nll_bits(x, x_hat, log_scale)) / dims
-
-
-@torch.no_grad()
-def prior_bits(prior, codes: torch.Tensor, batch_size: int = 250) -> torch.Tensor:
-    """-log2 p(z) of each code grid (N,) under an autoregressive prior, in float64.
-
-    A class-conditional prior gives the marginal p(z) = (1/Y) sum_y p(z | y) over its Y classes with a
-    uniform p(y): a likelihood of the codes alone, as when compressing an image whose label is unknown.
-    """
-    prior.eval()
-    device = prior.device
-    Y = prior.cfg.num_classes
-    out = []
-    for i in range(0, len(codes), batch_size):
-        z = codes[i:i + batch_size].to(device, torch.long)
-        if Y:
-            per_class = torch.stack([prior.log_prob(z, torch.full((len(z),), y, device=device)) for y in range(Y)])
-            log_p = torch.logsumexp(per_class.double(), 0) - math.log(Y)
-        else:
-            log_p = prior.log_prob(z).double()
-        out.append(-log_p.cpu() / math.log(2))
-    return torch.cat(out)

@@ -7,10 +7,25 @@ VQ-VAE paper; the decoder mirrors it with transposed convolutions.
 
 from __future__ import annotations
 
+import contextlib
 import math
 
 import torch
 from torch import nn
+
+
+@contextlib.contextmanager
+def eval_mode(*modules: nn.Module | None):
+    """Eval mode (no dropout, no quantizer updates) for a block; each module's mode is restored after."""
+    modules = [m for m in modules if m is not None]
+    modes = [m.training for m in modules]
+    for m in modules:
+        m.eval()
+    try:
+        yield
+    finally:
+        for m, mode in zip(modules, modes):
+            m.train(mode)
 
 
 def conv(dims: int, *args, **kwargs) -> nn.Module:

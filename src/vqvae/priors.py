@@ -16,7 +16,6 @@ never recomputed. The entropy coder drives it on both sides: see `Prior.step` fo
 
 from __future__ import annotations
 
-import contextlib
 import math
 from dataclasses import dataclass
 from pathlib import Path
@@ -29,12 +28,13 @@ from torch import Tensor, nn
 from . import pretrained
 from .config import PriorConfig, from_dict, to_dict
 from .errors import ConfigError, RunError
+from .nets import eval_mode
 
 from .pretrained import CONFIG_NAME, WEIGHTS_NAME  # noqa: F401 (re-exported)
 
 __all__ = [
     "DecodeState", "Prior", "TransformerPrior", "PixelCNNPrior",
-    "build_prior", "load_prior", "nll_bits", "sample_from_logits",
+    "build_prior", "load_prior", "prior_bits", "sample_from_logits",
 ]
 
 
@@ -73,17 +73,6 @@ def sample_from_logits(logits: Tensor, temperature: float = 1.0, top_k: int | No
         logits = logits.masked_fill(logits < kth, float("-inf"))
     probs = F.softmax(logits, dim=-1)
     return torch.multinomial(probs, 1, generator=generator).squeeze(1)
-
-
-@contextlib.contextmanager
-def _eval_mode(module: nn.Module):
-    """Run a block in eval mode (no dropout) and restore the module's mode afterwards."""
-    was_training = module.training
-    module.eval()
-    try:
-        yield
-    finally:
-        module.train(was_training)
 
 
 class Prior(nn.Module):
@@ -181,7 +170,7 @@ class Prior(nn.Module):
         the k most likely codes; `generator` (on the prior's device) makes the draw reproducible.
         Runs in eval mode and restores the module's mode afterwards.
         """
-        with _eval_mode(self):
+        with eval_mode(self):
             state = self.start(n, cond)
             codes = torch.empty(n, self.seq_len, dtype=torch.long, device=self.device)  # (B, L)
             prev = None
@@ -468,28 +457,26 @@ def load_prior(directory: str | Path, device: str | torch.device = "cpu") -> Pri
 
 
 @torch.no_grad()
-def nll_bits(prior: Prior, codes: Tensor, cond: Tensor | None = None, batch_size: int = 256) -> dict:
-    """Mean negative log-likelihood of a dataset of code grids under `prior`, in eval mode, batched.
+def prior_bits(prior: Prior, codes: Tensor, cond: Tensor | None = None, batch_size: int = 250) -> Tensor:
+    """-log2 p(z) of each code grid (N,) under `prior`, in float64, in eval mode, batched.
 
-    codes: (N, *grid) integers (int16 as stored in runs/NAME/codes is fine); cond: (N,) labels or None.
-    Returns {"bits_per_latent", "bits_per_image", "nats_per_latent", "num_images"}.
+    codes: (N, *grid) integers (int16 as cached in runs/NAME/codes is fine). With `cond` (N,) labels the
+    conditional p(z | y); without, a class-conditional prior gives the marginal p(z) = (1/Y) sum_y p(z | y)
+    over its Y classes with a uniform p(y): a likelihood of the codes alone, as when compressing an
+    image whose label is unknown.
     """
     codes = torch.as_tensor(codes)
-    if cond is not None:
-        cond = torch.as_tensor(cond)
-    n = codes.size(0)
-    if n == 0:
-        raise ValueError("nll_bits needs at least one code grid")
-    total = 0.0  # nats, accumulated in float64
-    with _eval_mode(prior):
-        for i in range(0, n, batch_size):
-            batch = codes[i : i + batch_size].to(prior.device, torch.long)
-            labels = None if cond is None else cond[i : i + batch_size].to(prior.device, torch.long)
-            total -= prior.log_prob(batch, labels).double().sum().item()
-    nats_per_image = total / n
-    return {
-        "bits_per_latent": nats_per_image / prior.seq_len / math.log(2),
-        "bits_per_image": nats_per_image / math.log(2),
-        "nats_per_latent": nats_per_image / prior.seq_len,
-        "num_images": n,
-    }
+    device, Y = prior.device, prior.cfg.num_classes
+    out = []
+    with eval_mode(prior):
+        for i in range(0, len(codes), batch_size):
+            z = codes[i:i + batch_size].to(device, torch.long)
+            if cond is not None:
+                log_p = prior.log_prob(z, torch.as_tensor(cond)[i:i + batch_size].to(device, torch.long)).double()
+            elif Y:
+                per_class = torch.stack([prior.log_prob(z, torch.full((len(z),), y, device=device)) for y in range(Y)])
+                log_p = torch.logsumexp(per_class.double(), 0) - math.log(Y)
+            else:
+                log_p = prior.log_prob(z).double()
+            out.append(-log_p.cpu() / math.log(2))
+    return torch.cat(out)

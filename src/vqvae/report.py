@@ -1,11 +1,10 @@
-"""Pictures of a run: image grids (reconstructions, samples) and training curves.
+"""Pictures of a run: image grids (reconstructions, samples).
 
 Images are float tensors (B, C, H, W) in [0, 1].
 """
 
 from __future__ import annotations
 
-import json
 import math
 from pathlib import Path
 
@@ -45,24 +44,3 @@ def save_comparison(originals: torch.Tensor, reconstructions: torch.Tensor, path
     filler = torch.ones(pad_count, *originals.shape[1:])
     both = torch.cat([originals.cpu(), filler, reconstructions.cpu(), filler])
     save_grid(both, path, nrow=nrow, scale=scale)
-
-
-def plot_metrics(metrics_path: str | Path, out_path: str | Path, keys: tuple[str, ...] = ("mse", "perplexity")) -> None:
-    """Training curves from a metrics.jsonl file, one panel per key, against step."""
-    import matplotlib
-
-    matplotlib.use("Agg")
-    import matplotlib.pyplot as plt
-
-    records = [json.loads(line) for line in Path(metrics_path).read_text().splitlines() if line.strip()]
-    keys = tuple(k for k in keys if records and k in records[0])
-    fig, axes = plt.subplots(1, len(keys), figsize=(4 * len(keys), 3), squeeze=False)
-    for ax, key in zip(axes[0], keys):
-        ax.plot([r["step"] for r in records], [r[key] for r in records])
-        ax.set_xlabel("step")
-        ax.set_title(key)
-        if key == "mse":
-            ax.set_yscale("log")
-    fig.tight_layout()
-    fig.savefig(out_path, dpi=100)
-    plt.close(fig)

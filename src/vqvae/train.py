@@ -25,7 +25,7 @@ from .autoencoders import VQVAE, read_run_config
 from .config import ModelConfig, TrainConfig, from_dict, to_dict, write_json
 from .data import load_dataset, pad_to_multiple
 from .errors import RunError
-from .metrics import evaluate_autoencoder, prior_bits
+from .metrics import evaluate_autoencoder
 
 STATE_NAME, METRICS_NAME = "train_state.pt", "metrics.jsonl"
 
@@ -358,6 +358,8 @@ def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConf
 
 def prior_figures(prior, codes: dict) -> dict:
     """Held-out NLL of the codes under `prior` next to the uniform prior's log2 K bits per latent."""
+    from .priors import prior_bits
+
     nll = float(prior_bits(prior, codes["test"]).mean())
     L = prior.seq_len
     return {"nll_bits_per_latent": nll / L, "nll_bits_per_image": nll,
