@@ -183,7 +183,7 @@ def test_sample_grids(prior_run, tmp_path, capsys):
     assert code == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
     code, _, err = run(capsys, "sample", prior_run, "--label", "10", "-o", tmp_path / "c.png")
-    assert code == 2 and "--label" in err
+    assert code == 2 and "label must be in 0..9" in err
 
 
 @pytest.mark.parametrize("coder", ["range", "huffman"])

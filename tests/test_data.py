@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from vqvae import data
-from vqvae.data import load_dataset, load_images, pad_to_multiple, save_image, to_uint8, unpad
+from vqvae.data import load_dataset, load_images, save_image, to_uint8
 from vqvae.errors import DataError
 
 
@@ -209,19 +209,6 @@ def test_save_image_bad_shape_or_suffix(tmp_path):
         save_image(torch.zeros(2, 4, 4), tmp_path / "out.png")
     with pytest.raises(DataError, match="out.xyz"):
         save_image(torch.zeros(1, 4, 4), tmp_path / "out.xyz")
-
-
-@pytest.mark.parametrize("h,w,factor", [(29, 31, 4), (28, 28, 4), (1, 5, 8), (32, 17, 2), (7, 9, 1)])
-def test_pad_to_multiple_unpad_round_trip(h, w, factor):
-    x = torch.rand(2, 3, h, w)
-    padded, pad = pad_to_multiple(x, factor)
-    assert padded.shape[2] % factor == 0 and padded.shape[3] % factor == 0
-    assert pad == (padded.shape[2] - h, padded.shape[3] - w) and 0 <= pad[0] < factor and 0 <= pad[1] < factor
-    assert torch.equal(padded[:, :, :h, :w], x)
-    # edge replicate: padded rows/columns repeat the last real row/column
-    assert torch.equal(padded[:, :, h:, :w], x[:, :, -1:, :].expand(-1, -1, pad[0], -1))
-    assert torch.equal(padded[:, :, :h, w:], x[:, :, :, -1:].expand(-1, -1, -1, pad[1]))
-    assert torch.equal(unpad(padded, pad), x)
 
 
 # ---------------------------------------------------------------------------------------------- bad inputs
