@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from vqvae import data
-from vqvae.data import load_dataset, load_images, save_image, to_uint8
+from vqvae.data import load_codes, load_dataset, load_images, save_codes, save_image, to_uint8
 from vqvae.errors import DataError
 
 
@@ -270,3 +270,19 @@ def test_unknown_uri_lists_known_schemes():
         load_dataset("cifar10")
     for scheme in ("mnist", "digits", "photos", "folder:", "npy:"):
         assert scheme in str(e.value)
+
+
+def test_codes_file_round_trip_and_the_earlier_padding_format(tmp_path):
+    grids = [torch.randint(0, 16, (7, 8)), torch.randint(0, 16, (2, 3))]
+    save_codes(tmp_path / "c.npz", grids, [(25, 29), (8, 12)], ["a.png", "b.png"], 16, 1)
+    entries = load_codes(tmp_path / "c.npz", 16, 2, 4)
+    assert [e[0] for e in entries] == ["a.png", "b.png"] and [e[2] for e in entries] == [(25, 29), (8, 12)]
+    assert all(torch.equal(e[1], g) for e, g in zip(entries, grids))
+    # files written before sizes were stored hold the padding instead
+    np.savez(tmp_path / "old.npz", names=np.array(["a.png"]), channels=np.array(1), codes_0=grids[0].numpy(),
+             pad_0=np.array([3, 3]))
+    assert load_codes(tmp_path / "old.npz", 16, 2, 4)[0][2] == (25, 29)
+    with pytest.raises(DataError, match="values in 0..7"):
+        load_codes(tmp_path / "c.npz", 8, 2, 4)
+    with pytest.raises(DataError, match="does not fit"):
+        load_codes(tmp_path / "c.npz", 16, 2, 8)

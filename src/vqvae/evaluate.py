@@ -107,8 +107,12 @@ def integer_prior_figures(integer_prior, codes: torch.Tensor) -> dict:
 def evaluate_run(run, data: str | None = None) -> dict:
     """Every figure of a run on its held-out split (or on the held-out split of dataset URI `data`):
     evaluate_autoencoder's, and with a prior its held-out bits per latent (float and integer models) and
-    bits_per_dim."""
+    bits_per_dim. Images of another channel count are converted (gray <-> RGB) as `reconstruct` does."""
+    from .data import to_channels
+
     model, dataset = run.model(), run.dataset(data)
+    channels = model.cfg.in_channels
+    dataset.train, dataset.test = to_channels(dataset.train, channels), to_channels(dataset.test, channels)
     figures = evaluate_autoencoder(model, dataset.test)
     if run.has_prior():
         prior = run.prior()
