@@ -23,7 +23,7 @@ from vqvae.integer_priors import (
 )
 from vqvae.priors import build_prior, prior_bits
 
-ARCHS = ["transformer"]
+ARCHS = ["transformer", "pixelcnn"]
 K, GRID = 12, (4, 5)
 
 

@@ -39,9 +39,9 @@ from torch import Tensor, nn
 from . import pretrained
 from .config import PriorConfig, from_dict, to_dict
 from .errors import ConfigError, RunError
-from .priors import DecodeState, Prior, TransformerPrior
+from .priors import FIRST_KERNEL, KERNEL, DecodeState, PixelCNNPrior, Prior, TransformerPrior
 
-__all__ = ["PRECISION", "IntegerPrior", "IntegerTransformerPrior", "load_integer_prior"]
+__all__ = ["PRECISION", "IntegerPrior", "IntegerTransformerPrior", "IntegerPixelCNNPrior", "load_integer_prior"]
 
 PRECISION = 24  # each row of frequencies sums to 2**24: constriction's range-coder precision
 EXACT = 1 << 53  # float64 holds every integer below this: the bound on matrix products' partial sums
@@ -178,11 +178,17 @@ class QLinear(nn.Module):
                              persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
 
-    def accumulate(self, x: Tensor) -> Tensor:
-        """x (..., I) int64 -> x @ weight.T + bias (..., O) int64, exact."""
-        return torch.matmul(x.to(torch.float64), self.weight64.T).to(torch.long) + self.bias
+    def accumulate(self, x: Tensor | list[Tensor]) -> Tensor:
+        """x (..., I) int64 -> x @ weight.T + bias (..., O) int64, exact. A convolution passes the list of
+        its n taps' inputs (..., I / n) instead (weight columns in tap order): every partial sum is still
+        within the bound, so summing the taps' products in float64 is exact too."""
+        if isinstance(x, Tensor):
+            return torch.matmul(x.to(torch.float64), self.weight64.T).to(torch.long) + self.bias
+        w = self.weight64.view(self.weight64.size(0), len(x), -1)  # (O, n, I / n)
+        acc = sum(torch.matmul(tap.to(torch.float64), w[:, i].T) for i, tap in enumerate(x))
+        return acc.to(torch.long) + self.bias
 
-    def forward(self, x: Tensor) -> Tensor:
+    def forward(self, x: Tensor | list[Tensor]) -> Tensor:
         return _requant(self.accumulate(x), self.mult, self.shift).clamp_(-self.out_limit, self.out_limit)
 
     def bound(self) -> Tensor:
@@ -284,7 +290,7 @@ class IntegerPrior(nn.Module):
         calibrated ranges), calib_size (2048 grids). Called on a subclass, the arch must match.
         Returns the integer prior on the float prior's device, in eval mode.
         """
-        target = {"transformer": IntegerTransformerPrior}.get(prior.cfg.arch)
+        target = {"transformer": IntegerTransformerPrior, "pixelcnn": IntegerPixelCNNPrior}.get(prior.cfg.arch)
         if target is None or not issubclass(target, cls):
             raise ConfigError(f"no {cls.__name__} for a {prior.cfg.arch} prior")
         codes = torch.as_tensor(codes)
@@ -581,3 +587,160 @@ def _transformer_ranges(prior: TransformerPrior, codes: Tensor, cond: Tensor | N
             x = x + blk.mlp.c_proj(F.gelu(hidden))
             res = max(res, float(x.abs().max()))
     return {"residual": res, "layers": layers}
+
+
+# ------------------------------------------------------------------------------------------------
+# Gated PixelCNN
+# ------------------------------------------------------------------------------------------------
+
+
+def _windows(x: Tensor, kh: int, kw: int, left: int) -> list[Tensor]:
+    """x (B, H, W, C) -> the kh * kw taps of a convolution, each (B, H, W, C): rows i-kh+1..i, columns
+    j-left..j-left+kw-1 around (i, j), zeros outside the grid; row-major tap order."""
+    H, W = x.shape[1:3]
+    p = F.pad(x, (0, 0, left, kw - 1 - left, kh - 1, 0))
+    return [p[:, dy:dy + H, dx:dx + W] for dy in range(kh) for dx in range(kw)]
+
+
+def _conv_matrix(conv: nn.Conv2d) -> Tensor:
+    """Conv weight (O, C, kh, kw) -> (O, kh * kw * C) in the tap order of `_windows`."""
+    return rearrange(conv.weight, "o c kh kw -> o (kh kw c)")
+
+
+class _GatedLayer(nn.Module):
+    """The integers of one gated layer; the arithmetic lives in `IntegerPixelCNNPrior._trunk`."""
+
+    def __init__(self, C: int, kernel: int, num_classes: int, act_bits: int):
+        super().__init__()
+        A, hidden = (1 << (act_bits - 1)) - 1, (1 << (HIDDEN_BITS - 1)) - 1
+        self.kernel = kernel
+        self.v_conv = QLinear((kernel // 2 + 1) * kernel * C, 2 * C, A, HIDDEN_BITS)  # -> units of 2**-16
+        self.h_conv = QLinear((kernel // 2 + 1) * C, 2 * C, A, HIDDEN_BITS)
+        self.v_to_h = QLinear(2 * C, 2 * C, hidden, HIDDEN_BITS)
+        self.h_out = QLinear(C, C, A, act_bits)  # gate output -> the horizontal stream's scale
+        self.register_buffer("cond_bias", torch.zeros(max(num_classes, 1), 2 * C, dtype=torch.long))
+
+
+class IntegerPixelCNNPrior(IntegerPrior):
+    """Integer model of `PixelCNNPrior`: the same causal convolutions (as sums of per-tap products), gates
+    tanh(a) * sigmoid(b) from tables, the ReLU head. Step-by-step decoding recomputes rows 0..i of the
+    trunk (row i's outputs depend on no later row) and the head at the one position asked for.
+
+    Fixed-point scales: the horizontal stream (and the code embedding) one calibrated scale; gate inputs
+    2**-16; gate outputs 2**-(act_bits - 1); the head's hidden layer a calibrated scale; logits 2**-16 bits.
+    """
+
+    format_id = 2
+
+    def __init__(self, cfg: PriorConfig, weight_bits: int = 16, act_bits: int = 20):
+        super().__init__(cfg, weight_bits, act_bits)
+        C, K, A = cfg.n_embd, cfg.codebook_size, self.act_limit
+        self.register_buffer("tok_emb", torch.zeros(K, C, dtype=torch.long))
+        self.layers = nn.ModuleList(_GatedLayer(C, FIRST_KERNEL if i == 0 else KERNEL, cfg.num_classes, act_bits)
+                                    for i in range(cfg.n_layer))
+        self.head_hidden = QLinear(C, C, A, act_bits)
+        self.head_out = QLinear(C, K, A, 48)  # -> logits in units of 2**-16 bits
+        self.register_buffer("tanh_table", torch.zeros((16 << TABLE_STEP) + 1, dtype=torch.long))
+        self.register_buffer("sigmoid_table", torch.zeros((32 << TABLE_STEP) + 1, dtype=torch.long))
+
+    def _gate(self, x: Tensor) -> Tensor:
+        """tanh(a) * sigmoid(b) of the channel halves of x (..., 2C) at 2**-16 -> (..., C) at 2**-(act_bits - 1)."""
+        a, b = x.chunk(2, -1)
+        product = _lookup(a, self.tanh_table) * _lookup(b, self.sigmoid_table)  # units of 2**-32
+        return _round_shift(product, 2 * TABLE_FRAC - self.act_bits + 1).clamp_(-self.act_limit, self.act_limit)
+
+    def _trunk(self, codes: Tensor, cond: Tensor | None) -> Tensor:
+        """codes (B, H', W) int64, the first H' rows of the grid -> the horizontal stream (B, H', W, C)."""
+        A, hidden = self.act_limit, (1 << (HIDDEN_BITS - 1)) - 1
+        emb = self.tok_emb[codes]  # (B, H', W, C)
+        x_v = F.pad(emb, (0, 0, 0, 0, 1, 0))[:, :-1]  # shifted down: row i holds row i-1
+        x_h = F.pad(emb, (0, 0, 1, 0))[:, :, :-1]  # shifted right: (i, j) holds (i, j-1)
+        for layer in self.layers:
+            k, p = layer.kernel, layer.kernel // 2
+            bias = 0 if cond is None else layer.cond_bias[cond][:, None, None]  # (B, 1, 1, 2C)
+            v = layer.v_conv(_windows(x_v, p + 1, k, p))  # (B, H', W, 2C)
+            h = layer.h_conv(_windows(x_h, 1, p + 1, p))
+            pre_h = (h + layer.v_to_h(v) + bias).clamp_(-hidden, hidden)
+            x_v = self._gate((v + bias).clamp_(-hidden, hidden))
+            x_h = (x_h + layer.h_out(self._gate(pre_h))).clamp_(-A, A)
+        return x_h
+
+    def _head(self, x_h: Tensor) -> Tensor:
+        """(..., C) -> integer logits (..., K)."""
+        return self.head_out(self.head_hidden(x_h.clamp(min=0)).clamp_(min=0))
+
+    def _logits(self, codes: Tensor, cond: Tensor | None) -> Tensor:
+        x_h = self._trunk(codes.view(len(codes), *self.hw), cond)
+        return self._head(x_h).flatten(1, 2)  # (B, L, K)
+
+    @torch.no_grad()
+    def start(self, batch: int, cond: Tensor | None = None) -> DecodeState:
+        if batch < 1:
+            raise ValueError(f"batch must be at least 1, got {batch}")
+        codes = torch.zeros(batch, *self.hw, dtype=torch.long, device=self.device)  # (B, H, W)
+        return DecodeState(pos=0, cond=self._check_cond(cond, batch), buffer=codes)
+
+    @torch.no_grad()
+    def step(self, state: DecodeState, prev_codes: Tensor | None) -> tuple[Tensor, DecodeState]:
+        self._advance(state, prev_codes)
+        t, W = state.pos, self.hw[1]
+        if t > 0:
+            state.buffer[:, (t - 1) // W, (t - 1) % W] = prev_codes
+        x_h = self._trunk(state.buffer[:, : t // W + 1], state.cond)[:, t // W, t % W]  # (B, C)
+        state.pos += 1
+        return _frequencies(self._head(x_h), self.exp2_hi, self.exp2_lo), state
+
+    @classmethod
+    @torch.no_grad()
+    def _quantize(cls, prior: PixelCNNPrior, codes: Tensor, cond: Tensor | None, weight_bits: int = 16,
+                  act_bits: int = 20, margin: float = 2.0) -> "IntegerPixelCNNPrior":
+        cfg, C = prior.cfg, prior.cfg.n_embd
+        model = cls(cfg, weight_bits, act_bits)
+        for il, fl in zip(model.layers, prior.layers):  # the float layers must have the geometry mirrored here
+            k, p = il.kernel, il.kernel // 2
+            shapes = (fl.v_conv.kernel_size, fl.h_conv.kernel_size, fl.v_conv.dilation, fl.h_conv.dilation)
+            if shapes != ((p + 1, k), (1, p + 1), (1, 1), (1, 1)):
+                raise ConfigError(f"the integer PixelCNN does not model convolutions of kernel/dilation {shapes}")
+        ranges = _pixelcnn_ranges(prior, codes, cond)
+        A = model.act_limit
+        s_res, s_head = margin * ranges["residual"] / A, margin * ranges["head"] / A
+        s_gate, s_unit = 2.0 ** -(act_bits - 1), 2.0 ** -TABLE_FRAC
+        model.tanh_table.copy_(_function_table(math.tanh, 8))
+        model.sigmoid_table.copy_(_function_table(lambda x: 1 / (1 + math.exp(-x)), 16))
+        model.tok_emb.copy_(torch.round(prior.tok_emb.weight.double().cpu() / s_res).long().clamp(-A, A))
+
+        def full(n: int, scale: float) -> Tensor:
+            return torch.full((n,), scale, dtype=torch.float64)
+
+        for i, (il, fl) in enumerate(zip(model.layers, prior.layers)):
+            il.v_conv.set_weights(_conv_matrix(fl.v_conv), fl.v_conv.bias, s_res if i == 0 else s_gate,
+                                  full(2 * C, s_unit), weight_bits)
+            il.h_conv.set_weights(_conv_matrix(fl.h_conv), fl.h_conv.bias, s_res, full(2 * C, s_unit), weight_bits)
+            il.v_to_h.set_weights(_conv_matrix(fl.v_to_h), fl.v_to_h.bias, s_unit, full(2 * C, s_unit), weight_bits)
+            il.h_out.set_weights(_conv_matrix(fl.h_out), fl.h_out.bias, s_gate, full(C, s_res), weight_bits)
+            if fl.cond_emb is not None:
+                il.cond_bias.copy_(torch.round(fl.cond_emb.weight.double().cpu() / s_unit).long())
+        hidden, out = prior.head[1], prior.head[3]
+        model.head_hidden.set_weights(_conv_matrix(hidden), hidden.bias, s_res, full(C, s_head), weight_bits)
+        model.head_out.set_weights(_conv_matrix(out), out.bias, s_head,
+                                   full(cfg.codebook_size, math.log(2) / 2**LOG2_FRAC), weight_bits)
+        return model
+
+
+@torch.no_grad()
+def _pixelcnn_ranges(prior: PixelCNNPrior, codes: Tensor, cond: Tensor | None, batch_size: int = 256) -> dict:
+    """Largest magnitudes of the float prior's horizontal stream (every layer) and of its head's hidden
+    layer on codes (N, L), in float64 with the prior's own modules."""
+    prior = copy.deepcopy(prior).eval().double()
+    res, head = 0.0, 0.0
+    for i in range(0, len(codes), batch_size):
+        z = codes[i:i + batch_size].view(-1, *prior.hw)
+        c = None if cond is None else cond[i:i + batch_size]
+        emb = rearrange(prior.tok_emb(z), "b h w c -> b c h w")
+        x_v, x_h = F.pad(emb, (0, 0, 1, 0))[:, :, :-1], F.pad(emb, (1, 0, 0, 0))[..., :-1]
+        res = max(res, float(emb.abs().max()))
+        for layer in prior.layers:
+            x_v, x_h = layer(x_v, x_h, c)
+            res = max(res, float(x_h.abs().max()))
+        head = max(head, float(prior.head[:3](x_h).abs().max()))
+    return {"residual": res, "head": head}
