@@ -176,20 +176,22 @@ class QLinear(nn.Module):
             self.register_buffer(name, torch.zeros(shape, dtype=torch.long))
         self.register_buffer("weight64", torch.zeros(out_features, in_features, dtype=torch.float64),
                              persistent=False)
+        self.register_buffer("offset", torch.zeros(out_features, dtype=torch.long), persistent=False)
         self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
 
-    def accumulate(self, x: Tensor | list[Tensor]) -> Tensor:
-        """x (..., I) int64 -> x @ weight.T + bias (..., O) int64, exact. A convolution passes the list of
-        its n taps' inputs (..., I / n) instead (weight columns in tap order): every partial sum is still
-        within the bound, so summing the taps' products in float64 is exact too."""
+    def products(self, x: Tensor | list[Tensor]) -> Tensor:
+        """x (..., I) int64 -> x @ weight.T (..., O) int64, exact. A convolution passes the list of its n
+        taps' inputs (..., I / n) instead (weight columns in tap order): every partial sum is still within
+        the bound, so summing the taps' products in float64 is exact too."""
         if isinstance(x, Tensor):
-            return torch.matmul(x.to(torch.float64), self.weight64.T).to(torch.long) + self.bias
+            return torch.matmul(x.to(torch.float64), self.weight64.T).to(torch.long)
         w = self.weight64.view(self.weight64.size(0), len(x), -1)  # (O, n, I / n)
-        acc = sum(torch.matmul(tap.to(torch.float64), w[:, i].T) for i, tap in enumerate(x))
-        return acc.to(torch.long) + self.bias
+        return sum(torch.matmul(tap.to(torch.float64), w[:, i].T) for i, tap in enumerate(x)).to(torch.long)
 
     def forward(self, x: Tensor | list[Tensor]) -> Tensor:
-        return _requant(self.accumulate(x), self.mult, self.shift).clamp_(-self.out_limit, self.out_limit)
+        # (products + bias) * mult + 2**(shift - 1), shifted: the bias and the rounding in one offset
+        y = self.products(x).mul_(self.mult).add_(self.offset).bitwise_right_shift_(self.shift)
+        return y.clamp_(-self.out_limit, self.out_limit)
 
     def bound(self) -> Tensor:
         """(O,) the largest |accumulator| any input within in_limit can give."""
@@ -199,9 +201,10 @@ class QLinear(nn.Module):
         """Check the exactness bounds of the current integers and rebuild the float64 copy of the weight."""
         bound = self.bound()
         if int(bound.max()) >= EXACT or bool((self.shift < 1).any() | (self.shift > 62).any()) \
-                or bool((self.mult.abs() * bound >= WIDE).any()):
+                or bool((self.mult < 1).any() | (self.mult * bound >= WIDE).any()):
             raise RunError("integer layer out of its exact range (products above 2**53 or 2**62)")
         self.weight64 = self.weight.to(torch.float64)
+        self.offset = self.bias * self.mult + (1 << (self.shift - 1))
 
     @torch.no_grad()
     def set_weights(self, weight: Tensor, bias: Tensor | None, in_scale: float, out_scale: Tensor,
@@ -303,6 +306,10 @@ class IntegerPrior(nn.Module):
         cond = None if cond is None else torch.as_tensor(cond)[::every].to(prior.device, torch.long)
         return target._quantize(prior, codes, cond, **options).to(prior.device).eval()
 
+    def _check_device(self) -> None:
+        if self.device.type == "mps":  # no float64 there, so no exact matrix products
+            raise RunError("integer priors need float64 matrix products: run them on cpu or cuda, not mps")
+
     def _check_codes(self, codes: Tensor) -> Tensor:
         if codes.dtype != torch.long or tuple(codes.shape[1:]) != self.cfg.grid:
             raise ValueError(f"codes must be int64 of shape (B, {', '.join(map(str, self.cfg.grid))}), "
@@ -332,6 +339,7 @@ class IntegerPrior(nn.Module):
     def frequencies(self, codes: Tensor, cond: Tensor | None = None) -> Tensor:
         """codes (B, *grid) int64 -> frequencies (B, L, K) int64 of every position in one pass; equal to
         the step-by-step frequencies."""
+        self._check_device()
         flat = self._check_codes(codes)
         cond = self._check_cond(cond, len(flat))
         return _frequencies(self._logits(flat, cond), self.exp2_hi, self.exp2_lo)
@@ -415,7 +423,7 @@ class IntegerTransformerPrior(IntegerPrior):
         # LayerNorm outputs (at most sqrt(C) in magnitude) get half the activation range
         self.ln_frac = act_bits - 2 - math.ceil(math.log2(math.sqrt(C)))
         # |d| = C |x - mean| <= 2 C A: shift it right until C * d**2 fits int64
-        self.var_shift = next(r for r in range(64) if C * ((2 * C * A >> r) + 1) ** 2 < WIDE)
+        self.var_shift = next(r for r in range(64) if C * ((2 * C * A >> r) + 1) ** 2 < WIDE // 2)
         assert (2 * C * A) << (self.ln_frac + 1) < WIDE, "LayerNorm numerator overflows int64"
         hs = C // cfg.n_head
         if hs * A * A >= EXACT or ((1 << PROB_BITS) + self.seq_len) * A >= EXACT:
@@ -489,6 +497,7 @@ class IntegerTransformerPrior(IntegerPrior):
     def start(self, batch: int, cond: Tensor | None = None) -> DecodeState:
         if batch < 1:
             raise ValueError(f"batch must be at least 1, got {batch}")
+        self._check_device()
         cfg = self.cfg
         kv = torch.zeros(cfg.n_layer, 2, batch, cfg.n_head, self.seq_len, cfg.n_embd // cfg.n_head,
                          dtype=torch.float64, device=self.device)  # integer keys and values
@@ -525,7 +534,7 @@ class IntegerTransformerPrior(IntegerPrior):
             getattr(model, name).copy_(torch.round(weight.double().cpu() / s_res).long().clamp(-A, A))
         lns = [ln for b in prior.blocks for ln in (b.ln_1, b.ln_2)] + [prior.ln_f]
         eps = [round(ln.eps * C * C / (s_res * s_res * 4.0**model.var_shift)) for ln in lns]
-        model.ln_eps.copy_(torch.tensor([max(1, e) for e in eps]))
+        model.ln_eps.copy_(torch.tensor([min(max(1, e), 1 << 60) for e in eps]))  # q below 2**62
         for blk, fb, r in zip(model.blocks, prior.blocks, ranges["layers"]):
             s_q, s_k, s_v = (margin * r[name] / A for name in "qkv")
             w, b = _fold(fb.ln_1, fb.attn.c_attn)
@@ -677,6 +686,7 @@ class IntegerPixelCNNPrior(IntegerPrior):
     def start(self, batch: int, cond: Tensor | None = None) -> DecodeState:
         if batch < 1:
             raise ValueError(f"batch must be at least 1, got {batch}")
+        self._check_device()
         codes = torch.zeros(batch, *self.hw, dtype=torch.long, device=self.device)  # (B, H, W)
         return DecodeState(pos=0, cond=self._check_cond(cond, batch), buffer=codes)
 
