@@ -2,7 +2,6 @@
 device; the integer arithmetic against references; quality against the float prior; save/load."""
 
 import functools
-import hashlib
 import json
 import math
 import os
@@ -156,7 +155,7 @@ iprior = load_integer_prior({str(directory)!r})
 data = load_file({str(codes_path)!r})
 cond = data.get("cond")
 digest = hashlib.sha256()
-for freqs in (iprior.frequencies(data["codes"], cond), iprior.frequencies(data["codes"][5:], None if cond is None else cond[5:])):
+for freqs in (iprior.frequencies(data["codes"], cond), iprior.frequencies(data["codes"][5:], cond[5:])):
     digest.update(freqs.contiguous().numpy().tobytes())
 state, prev = iprior.start(len(data["codes"]), cond), None
 for t in range(iprior.seq_len):
@@ -224,11 +223,14 @@ def test_load_rejects_other_directories_and_inexact_weights(tmp_path):
     float_prior.save_pretrained(tmp_path / "float")
     with pytest.raises(RunError, match="not a vqvae integer prior"):
         load_integer_prior(tmp_path / "float")
-    state = load_file(str(tmp_path / "model.safetensors"))
-    state["blocks.0.c_fc.weight"][0, 0] = 1 << 40  # products would pass 2**53
-    save_file(state, str(tmp_path / "model.safetensors"))
-    with pytest.raises(RunError, match="exact"):
-        load_integer_prior(tmp_path)
+    good = load_file(str(tmp_path / "model.safetensors"))
+    for name, value, message in (("blocks.0.c_fc.weight", 1 << 40, "exact"),  # products would pass 2**53
+                                 ("exp2_hi", 1 << 40, "out of range"), ("blocks.1.score_shift", 0, "out of range")):
+        state = {k: v.clone() for k, v in good.items()}
+        state[name].view(-1)[0] = value
+        save_file(state, str(tmp_path / "model.safetensors"))
+        with pytest.raises(RunError, match=message):
+            load_integer_prior(tmp_path)
 
 
 def test_from_prior_checks_its_inputs():

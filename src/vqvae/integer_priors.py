@@ -254,6 +254,7 @@ class IntegerPrior(nn.Module):
         hi, lo = _exp2_tables()
         self.register_buffer("exp2_hi", hi)
         self.register_buffer("exp2_lo", lo)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._verify())
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -283,6 +284,16 @@ class IntegerPrior(nn.Module):
         thread count or the rest of the batch; it equals `frequencies` of a full pass exactly."""
         raise NotImplementedError
 
+    def _verify(self) -> None:
+        """After loading: the integers outside the layers are within the ranges the arithmetic assumes
+        (the layers check their own bounds), so a damaged file cannot overflow int64 silently."""
+        ok = all(0 <= int(t.min()) and int(t.max()) <= 1 << EXP_BITS for t in (self.exp2_hi, self.exp2_lo))
+        for name, t in self.named_buffers():
+            if name.endswith("emb") or name.endswith("table") or name.endswith("cond_bias"):
+                ok &= int(t.abs().max()) <= 1 << HIDDEN_BITS
+        if not ok:
+            raise RunError("integer prior tables or embeddings out of range")
+
     # --- shared ----------------------------------------------------------------------------------
     @classmethod
     def from_prior(cls, prior: Prior, codes: Tensor, cond: Tensor | None = None, **options) -> "IntegerPrior":
@@ -296,6 +307,10 @@ class IntegerPrior(nn.Module):
         target = {"transformer": IntegerTransformerPrior, "pixelcnn": IntegerPixelCNNPrior}.get(prior.cfg.arch)
         if target is None or not issubclass(target, cls):
             raise ConfigError(f"no {cls.__name__} for a {prior.cfg.arch} prior")
+        unknown = sorted(set(options) - {"weight_bits", "act_bits", "margin", "calib_size"})
+        if unknown or not options.get("margin", 1) > 0 or not options.get("calib_size", 1) >= 1:
+            raise ConfigError(f"unknown or bad options {unknown or options}: allowed weight_bits, act_bits, "
+                              f"margin > 0, calib_size >= 1")
         codes = torch.as_tensor(codes)
         if tuple(codes.shape[1:]) != prior.cfg.grid or len(codes) == 0:
             raise ValueError(f"codes must be (N, {', '.join(map(str, prior.cfg.grid))}), got {tuple(codes.shape)}")
@@ -435,6 +450,15 @@ class IntegerTransformerPrior(IntegerPrior):
         self.blocks = nn.ModuleList(_Block(C, A, act_bits) for _ in range(cfg.n_layer))
         self.head = QLinear(C, cfg.codebook_size, A, 48)  # -> logits in units of 2**-16 bits
         self.register_buffer("gelu_table", torch.zeros((2 * GELU_RANGE << TABLE_STEP) + 1, dtype=torch.long))
+
+    def _verify(self) -> None:
+        super()._verify()
+        hs, A = self.cfg.n_embd // self.cfg.n_head, self.act_limit
+        ok = bool(((self.ln_eps >= 1) & (self.ln_eps <= 1 << 60)).all())
+        for blk in self.blocks:
+            ok &= 1 <= int(blk.score_shift) <= 62 and 1 <= int(blk.score_mult) * 2 * hs * A * A < WIDE
+        if not ok:
+            raise RunError("integer transformer scalars out of range (LayerNorm eps or attention scale)")
 
     # --- integer forward -------------------------------------------------------------------------
     def _ln(self, x: Tensor, i: int) -> Tensor:
@@ -714,7 +738,7 @@ class IntegerPixelCNNPrior(IntegerPrior):
         ranges = _pixelcnn_ranges(prior, codes, cond)
         A = model.act_limit
         s_res, s_head = margin * ranges["residual"] / A, margin * ranges["head"] / A
-        s_gate, s_unit = 2.0 ** -(act_bits - 1), 2.0 ** -TABLE_FRAC
+        s_gate, s_unit, hidden = 2.0 ** -(act_bits - 1), 2.0 ** -TABLE_FRAC, (1 << (HIDDEN_BITS - 1)) - 1
         model.tanh_table.copy_(_function_table(math.tanh, 8))
         model.sigmoid_table.copy_(_function_table(lambda x: 1 / (1 + math.exp(-x)), 16))
         model.tok_emb.copy_(torch.round(prior.tok_emb.weight.double().cpu() / s_res).long().clamp(-A, A))
@@ -729,7 +753,8 @@ class IntegerPixelCNNPrior(IntegerPrior):
             il.v_to_h.set_weights(_conv_matrix(fl.v_to_h), fl.v_to_h.bias, s_unit, full(2 * C, s_unit), weight_bits)
             il.h_out.set_weights(_conv_matrix(fl.h_out), fl.h_out.bias, s_gate, full(C, s_res), weight_bits)
             if fl.cond_emb is not None:
-                il.cond_bias.copy_(torch.round(fl.cond_emb.weight.double().cpu() / s_unit).long())
+                bias = torch.round(fl.cond_emb.weight.double().cpu() / s_unit).long()
+                il.cond_bias.copy_(bias.clamp(-hidden, hidden))
         hidden, out = prior.head[1], prior.head[3]
         model.head_hidden.set_weights(_conv_matrix(hidden), hidden.bias, s_res, full(C, s_head), weight_bits)
         model.head_out.set_weights(_conv_matrix(out), out.bias, s_head,
