@@ -167,15 +167,17 @@ print(torch.get_num_threads(), digest.hexdigest())
 
 
 @pytest.mark.parametrize("arch", ARCHS)
-def test_same_frequencies_with_one_or_two_threads_and_without_onednn(arch, tmp_path):
+def test_same_frequencies_with_one_or_two_threads_without_onednn_or_vector_units(arch, tmp_path):
     _, iprior = trained(arch, 3)
     iprior.save_pretrained(tmp_path / "iprior")
     codes, cond = held_out(3, 40)
     save_file({"codes": codes.contiguous(), "cond": cond.contiguous()}, str(tmp_path / "codes.safetensors"))
     src = str(Path(vqvae.__file__).parents[1])
     hashes = set()
-    for threads, mkldnn in ((1, True), (2, True), (2, False)):
-        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads),
+    # the last run stands in for another CPU: torch's kernels without vector units, MKL limited to SSE4.2
+    other_cpu = {"ATEN_CPU_CAPABILITY": "default", "MKL_ENABLE_INSTRUCTIONS": "SSE4_2"}
+    for threads, mkldnn, extra in ((1, True, {}), (2, True, {}), (2, False, {}), (1, True, other_cpu)):
+        env = dict(os.environ, OMP_NUM_THREADS=str(threads), MKL_NUM_THREADS=str(threads), **extra,
                    PYTHONPATH=src + os.pathsep + os.environ.get("PYTHONPATH", ""))
         script = thread_hash_script(tmp_path / "iprior", tmp_path / "codes.safetensors", threads, mkldnn)
         out = subprocess.run([sys.executable, "-c", script], env=env, capture_output=True, text=True, timeout=300)
