@@ -170,7 +170,7 @@ print(torch.get_num_threads(), digest.hexdigest())
 def test_same_frequencies_with_one_or_two_threads_without_onednn_or_vector_units(arch, tmp_path):
     _, iprior = trained(arch, 3)
     iprior.save_pretrained(tmp_path / "iprior")
-    codes, cond = held_out(3, 40)
+    codes, cond = held_out(3, 16)
     save_file({"codes": codes.contiguous(), "cond": cond.contiguous()}, str(tmp_path / "codes.safetensors"))
     src = str(Path(vqvae.__file__).parents[1])
     hashes = set()
