@@ -141,7 +141,8 @@ def test_probabilities_follow_the_float_prior(arch):
     with torch.no_grad():
         p = torch.softmax(prior.logits(codes, cond).double(), 1).flatten(2).transpose(1, 2)  # (B, L, K)
     q = iprior.frequencies(codes, cond).double() / 2**PRECISION
-    assert float((q - p).abs().max()) < 1e-4
+    # measured 5e-5 (transformer) and 2e-5 (pixelcnn): mostly the 20-bit residual stream; 2**-24 from rounding
+    assert float((q - p).abs().max()) < 2e-4
 
 
 def thread_hash_script(directory, codes_path, threads, mkldnn):
