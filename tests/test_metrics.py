@@ -67,9 +67,9 @@ def test_discretized_gaussian_per_pixel_means_and_clamped_inputs():
                 for xi, mi in zip(x, mean)]
     torch.testing.assert_close(got, torch.tensor(expected, dtype=torch.float64), rtol=1e-12, atol=1e-9)
     # inputs just outside [0, 1] (float noise) count as the end bins
-    outside = discretized_gaussian_nll_bits(torch.tensor([-0.01, 1.01]).view(2, 1, 1, 1),
-                                            torch.full((2, 1, 1, 1), 0.5), -2.0)
-    inside = discretized_gaussian_nll_bits(torch.tensor([0.0, 1.0]).view(2, 1, 1, 1), torch.full((2, 1, 1, 1), 0.5), -2.0)
+    half = torch.full((2, 1, 1, 1), 0.5)
+    outside = discretized_gaussian_nll_bits(torch.tensor([-0.01, 1.01]).view(2, 1, 1, 1), half, -2.0)
+    inside = discretized_gaussian_nll_bits(torch.tensor([0.0, 1.0]).view(2, 1, 1, 1), half, -2.0)
     assert torch.equal(outside, inside)
 
 

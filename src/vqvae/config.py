@@ -87,6 +87,10 @@ class PriorConfig:
 
     arch: "transformer" (decoder-only, causal attention) or "pixelcnn" (gated, masked convolutions).
     `num_classes` > 0 makes the prior class-conditional.
+    `dilated` (pixelcnn only): the gated layers after the first dilate their convolutions so that each
+    layer doubles how far back the prior sees, until every code sees all earlier codes of the grid;
+    False is the undilated stack, whose reach grows by one code per layer (7 codes along a row with 4
+    layers). A config saved without this field predates it and loads as False: that prior's architecture.
     """
 
     arch: str = "transformer"
@@ -97,6 +101,7 @@ class PriorConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
+    dilated: bool = True
 
     def __post_init__(self) -> None:
         _check(self.arch in ("transformer", "pixelcnn"), "arch", "'transformer' or 'pixelcnn'", self.arch)
@@ -107,6 +112,7 @@ class PriorConfig:
         _check(self.n_layer >= 1, "n_layer", "at least 1", self.n_layer)
         _check(self.n_head >= 1 and self.n_embd % self.n_head == 0, "n_embd", "a multiple of n_head", self.n_embd)
         _check(0 <= self.dropout < 1, "dropout", "in [0, 1)", self.dropout)
+        _check(isinstance(self.dilated, bool), "dilated", "true or false", self.dilated)
 
 
 @dataclass(frozen=True)
@@ -154,6 +160,8 @@ def from_dict(cls: type, data: dict) -> Any:
         kwargs["quantizer"] = from_dict(QuantizerConfig, kwargs["quantizer"])
     if cls is PriorConfig and "grid" in kwargs:
         kwargs["grid"] = tuple(kwargs["grid"])
+    if cls is PriorConfig:  # saved before `dilated` existed: the undilated PixelCNN it was trained as
+        kwargs.setdefault("dilated", False)
     try:
         return cls(**kwargs)
     except TypeError as e:

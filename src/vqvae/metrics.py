@@ -21,7 +21,7 @@ SSIM_TRUNCATE = 3.5  # scikit-image's Gaussian truncation: radius int(3.5 * 1.5 
 
 
 def _gaussian_taps(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
-    """The normalised 1-D Gaussian of `scipy.ndimage.gaussian_filter(truncate=3.5)`: (2r+1,), r = int(3.5 sigma + 0.5)."""
+    """scipy.ndimage.gaussian_filter's normalised 1-D Gaussian, truncate 3.5: (2r+1,), r = int(3.5 sigma + 0.5)."""
     radius = int(SSIM_TRUNCATE * sigma + 0.5)
     offsets = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
     g = torch.exp(-0.5 * (offsets / sigma) ** 2)
