@@ -78,11 +78,11 @@ def code_histogram(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
     return torch.bincount(codes.reshape(-1), minlength=codebook_size)
 
 
-def perplexity(counts: torch.Tensor) -> float:
-    """exp(entropy) of the empirical code distribution: the effective number of codes in use."""
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the empirical code distribution of (K,) counts: the effective number of codes in
+    use, a 0-d float64 tensor on the counts' device (no host sync: the quantizer reports it every step)."""
     p = counts.double() / counts.sum().clamp_min(1)
-    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum()
-    return float(torch.exp(entropy))
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
 
 
 def codes_used(counts: torch.Tensor) -> float:
