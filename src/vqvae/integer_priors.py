@@ -39,7 +39,9 @@ from torch import Tensor, nn
 from . import pretrained
 from .config import PriorConfig, from_dict, to_dict
 from .errors import ConfigError, RunError
-from .priors import FIRST_KERNEL, KERNEL, DecodeState, PixelCNNPrior, Prior, TransformerPrior
+from .priors import (
+    FIRST_KERNEL, KERNEL, DecodeState, PixelCNNPrior, Prior, TransformerPrior, pixelcnn_dilations,
+)
 
 __all__ = ["PRECISION", "IntegerPrior", "IntegerTransformerPrior", "IntegerPixelCNNPrior", "load_integer_prior"]
 
@@ -627,12 +629,13 @@ def _transformer_ranges(prior: TransformerPrior, codes: Tensor, cond: Tensor | N
 # ------------------------------------------------------------------------------------------------
 
 
-def _windows(x: Tensor, kh: int, kw: int, left: int) -> list[Tensor]:
-    """x (B, H, W, C) -> the kh * kw taps of a convolution, each (B, H, W, C): rows i-kh+1..i, columns
-    j-left..j-left+kw-1 around (i, j), zeros outside the grid; row-major tap order."""
-    H, W = x.shape[1:3]
-    p = F.pad(x, (0, 0, left, kw - 1 - left, kh - 1, 0))
-    return [p[:, dy:dy + H, dx:dx + W] for dy in range(kh) for dx in range(kw)]
+def _windows(x: Tensor, kh: int, kw: int, left: int, dilation: int = 1) -> list[Tensor]:
+    """x (B, H, W, C) -> the kh * kw taps of a dilated convolution, each (B, H, W, C): at (i, j) the rows
+    i - (kh-1)*d .. i and the columns j - left .. j - left + (kw-1)*d, every d-th, zeros outside the
+    grid; row-major tap order."""
+    H, W, d = x.shape[1], x.shape[2], dilation
+    p = F.pad(x, (0, 0, left, (kw - 1) * d - left, (kh - 1) * d, 0))
+    return [p[:, dy * d:dy * d + H, dx * d:dx * d + W] for dy in range(kh) for dx in range(kw)]
 
 
 def _conv_matrix(conv: nn.Conv2d) -> Tensor:
@@ -643,10 +646,10 @@ def _conv_matrix(conv: nn.Conv2d) -> Tensor:
 class _GatedLayer(nn.Module):
     """The integers of one gated layer; the arithmetic lives in `IntegerPixelCNNPrior._trunk`."""
 
-    def __init__(self, C: int, kernel: int, num_classes: int, act_bits: int):
+    def __init__(self, C: int, kernel: int, dilation: int, num_classes: int, act_bits: int):
         super().__init__()
         A, hidden = (1 << (act_bits - 1)) - 1, (1 << (HIDDEN_BITS - 1)) - 1
-        self.kernel = kernel
+        self.kernel, self.dilation = kernel, dilation
         self.v_conv = QLinear((kernel // 2 + 1) * kernel * C, 2 * C, A, HIDDEN_BITS)  # -> units of 2**-16
         self.h_conv = QLinear((kernel // 2 + 1) * C, 2 * C, A, HIDDEN_BITS)
         self.v_to_h = QLinear(2 * C, 2 * C, hidden, HIDDEN_BITS)
@@ -655,8 +658,8 @@ class _GatedLayer(nn.Module):
 
 
 class IntegerPixelCNNPrior(IntegerPrior):
-    """Integer model of `PixelCNNPrior`: the same causal convolutions (as sums of per-tap products), gates
-    tanh(a) * sigmoid(b) from tables, the ReLU head. Step-by-step decoding recomputes rows 0..i of the
+    """Integer model of `PixelCNNPrior`: the same causal (dilated) convolutions as sums of per-tap
+    products, gates tanh(a) * sigmoid(b) from tables, the ReLU head. Step-by-step decoding recomputes rows 0..i of the
     trunk (row i's outputs depend on no later row) and the head at the one position asked for.
 
     Fixed-point scales: the horizontal stream (and the code embedding) one calibrated scale; gate inputs
@@ -669,8 +672,8 @@ class IntegerPixelCNNPrior(IntegerPrior):
         super().__init__(cfg, weight_bits, act_bits)
         C, K, A = cfg.n_embd, cfg.codebook_size, self.act_limit
         self.register_buffer("tok_emb", torch.zeros(K, C, dtype=torch.long))
-        self.layers = nn.ModuleList(_GatedLayer(C, FIRST_KERNEL if i == 0 else KERNEL, cfg.num_classes, act_bits)
-                                    for i in range(cfg.n_layer))
+        self.layers = nn.ModuleList(_GatedLayer(C, FIRST_KERNEL if i == 0 else KERNEL, d, cfg.num_classes, act_bits)
+                                    for i, d in enumerate(pixelcnn_dilations(cfg)[0]))
         self.head_hidden = QLinear(C, C, A, act_bits)
         self.head_out = QLinear(C, K, A, 48)  # -> logits in units of 2**-16 bits
         self.register_buffer("tanh_table", torch.zeros((16 << TABLE_STEP) + 1, dtype=torch.long))
@@ -689,10 +692,10 @@ class IntegerPixelCNNPrior(IntegerPrior):
         x_v = F.pad(emb, (0, 0, 0, 0, 1, 0))[:, :-1]  # shifted down: row i holds row i-1
         x_h = F.pad(emb, (0, 0, 1, 0))[:, :, :-1]  # shifted right: (i, j) holds (i, j-1)
         for layer in self.layers:
-            k, p = layer.kernel, layer.kernel // 2
+            k, d = layer.kernel, layer.dilation
             bias = 0 if cond is None else layer.cond_bias[cond][:, None, None]  # (B, 1, 1, 2C)
-            v = layer.v_conv(_windows(x_v, p + 1, k, p))  # (B, H', W, 2C)
-            h = layer.h_conv(_windows(x_h, 1, p + 1, p))
+            v = layer.v_conv(_windows(x_v, k // 2 + 1, k, k // 2 * d, d))  # (B, H', W, 2C)
+            h = layer.h_conv(_windows(x_h, 1, k // 2 + 1, k // 2 * d, d))
             pre_h = (h + layer.v_to_h(v) + bias).clamp_(-hidden, hidden)
             x_v = self._gate((v + bias).clamp_(-hidden, hidden))
             x_h = (x_h + layer.h_out(self._gate(pre_h))).clamp_(-A, A)
@@ -731,9 +734,9 @@ class IntegerPixelCNNPrior(IntegerPrior):
         cfg, C = prior.cfg, prior.cfg.n_embd
         model = cls(cfg, weight_bits, act_bits)
         for il, fl in zip(model.layers, prior.layers):  # the float layers must have the geometry mirrored here
-            k, p = il.kernel, il.kernel // 2
-            shapes = (fl.v_conv.kernel_size, fl.h_conv.kernel_size, fl.v_conv.dilation, fl.h_conv.dilation)
-            if shapes != ((p + 1, k), (1, p + 1), (1, 1), (1, 1)):
+            k, p, d = il.kernel, il.kernel // 2, il.dilation
+            shapes = (fl.v_conv.kernel_size, fl.h_conv.kernel_size, fl.v_conv.dilation, fl.h_conv.dilation, fl.pad)
+            if shapes != ((p + 1, k), (1, p + 1), (d, d), (d, d), p * d):
                 raise ConfigError(f"the integer PixelCNN does not model convolutions of kernel/dilation {shapes}")
         ranges = _pixelcnn_ranges(prior, codes, cond)
         A = model.act_limit
