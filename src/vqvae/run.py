@@ -122,13 +122,37 @@ class Run:
         return self._load("prior", device, lambda: load_prior(self.prior_dir, device))
 
     def integer_prior(self, device: str | torch.device = "cpu"):
-        """The prior's integer model: what the range coder uses (same results on every machine)."""
+        """The prior's integer model: what the range coder uses (same frequencies on every machine).
+        `vqvae prior` makes it; for a run whose prior predates integer models it is made here, once."""
         from .integer_priors import load_integer_prior
 
         if not self.has_integer_prior():
-            raise RunError(f"{self.integer_prior_dir}: no integer prior; train the prior with "
-                           f"`vqvae prior {self.path} --force` to make one")
+            self.quantize_prior()
         return self._load("integer_prior", device, lambda: load_integer_prior(self.integer_prior_dir, device))
+
+    def quantize_prior(self):
+        """Make the integer model of the run's prior, calibrated on the cached training codes, and save it
+        under prior/integer/ -> the IntegerPrior."""
+        from .integer_priors import IntegerPrior
+
+        prior = self.prior()
+        arrays = {}
+        for name in ("train", "train_labels"):
+            path = self.codes_dir / f"{name}.npy"
+            try:
+                arrays[name] = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
+            except (OSError, ValueError, EOFError):
+                if name == "train" or prior.cfg.num_classes:
+                    raise RunError(f"{path}: missing or unreadable; rerun `vqvae prior {self.path} --force`") from None
+        codes = arrays["train"]
+        if tuple(codes.shape[1:]) != prior.cfg.grid:
+            raise RunError(f"{self.codes_dir / 'train.npy'}: code grids of shape {tuple(codes.shape[1:])}, the prior "
+                           f"models {prior.cfg.grid}; rerun `vqvae prior {self.path} --force`")
+        labels = arrays.get("train_labels") if prior.cfg.num_classes else None
+        integer = IntegerPrior.from_prior(prior, codes, labels)
+        integer.save_pretrained(self.integer_prior_dir)
+        self._loaded.pop(("integer_prior", str(torch.device("cpu"))), None)
+        return integer
 
     # -- cached codes --------------------------------------------------------------------------------
     def read_codes(self, key: dict) -> dict[str, torch.Tensor | None] | None:

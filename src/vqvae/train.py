@@ -26,7 +26,7 @@ from .autoencoders import VQVAE
 from .config import ModelConfig, TrainConfig, from_dict, to_dict, write_json
 from .data import load_dataset
 from .errors import RunError
-from .evaluate import encode_dataset, evaluate_autoencoder, likelihood, prior_figures
+from .evaluate import encode_dataset, evaluate_autoencoder, integer_prior_figures, likelihood, prior_figures
 from .run import Run
 
 STATE_NAME, METRICS_NAME = Run.STATE, Run.METRICS
@@ -289,10 +289,11 @@ def cached_codes(run: Run, model: VQVAE, shifts: int = 0) -> dict[str, torch.Ten
 def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConfig, shifts: int = 1,
                 resume: bool = False, force: bool = False, show_progress: bool = True,
                 console: Console | None = None) -> dict:
-    """Fit an autoregressive prior to the run's codes into RUN/prior/; returns held-out figures.
+    """Fit an autoregressive prior to the run's codes into RUN/prior/, and its integer model (what the range
+    coder uses) into RUN/prior/integer/; returns held-out figures.
 
-    Class-conditional when the dataset has labels. Figures: nll_bits_per_latent, uniform_bits_per_latent
-    (log2 K), nll_bits_per_image, plus the prior config.
+    Class-conditional when the dataset has labels. Figures: nll_bits_per_latent, integer_bits_per_latent,
+    uniform_bits_per_latent (log2 K), nll_bits_per_image, bits_per_dim, plus the prior config.
     """
     from .priors import Prior, PriorConfig, build_prior
 
@@ -337,7 +338,9 @@ def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConf
     else:
         (out_dir / METRICS_NAME).unlink(missing_ok=True)
     trainer.fit()
+    integer = run.quantize_prior()  # the integer model the range coder uses, calibrated on these codes
     figures = prior_figures(prior, codes)
+    figures.update(integer_prior_figures(integer, codes["test"]))
     data = run.dataset()
     figures.update(likelihood(model, prior, data.train, data.test))
     return figures
