@@ -10,7 +10,7 @@ $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/python -m pip install -q --upgrade pip
 	$(BIN)/python -m pip install -q $(TORCH_PIN)
-	$(BIN)/python -m pip install -q -e '.[test]'
+	$(BIN)/python -m pip install -q -e '.[test,data]'
 	touch $@
 
 install: $(VENV)/.installed
@@ -22,7 +22,7 @@ test: install
 	$(BIN)/python -m pytest
 
 $(VENV)/.bench: $(VENV)/.installed
-	$(BIN)/python -m pip install -q -e '.[test,bench]' $(TORCH_PIN)
+	$(BIN)/python -m pip install -q -e '.[test,data,bench]' $(TORCH_PIN)
 	touch $@
 
 BENCH_THREADS ?= 1

@@ -102,19 +102,19 @@ def make_step(name: str, K: int, shape: tuple[int, ...]):
     # so that the codes spread over the codebook as in training rather than piling onto a few.
     codebook = torch.randn(K, D, generator=gen)
     if name == "vqvae-search":
-        from vqvae.quantizers import VectorQuantizer, _load_kernel, _nearest_codes
+        from vqvae.nearest import build_kernel, nearest_columns
 
-        assert _load_kernel() is not None, "the compiled search did not build"
+        assert build_kernel() is not None, "the compiled search did not build"
 
         def step():
-            _nearest_codes(z0.view(B, D, -1), codebook)
+            nearest_columns(z0.view(B, D, -1), codebook)
 
-        return step, "vqvae.quantizers._nearest_codes"
+        return step, "vqvae.nearest.nearest_columns"
     if name in ("vqvae-vq", "vqvae-ema", "vqvae-vq-nokernel"):
-        from vqvae import quantizers
+        from vqvae import nearest
         from vqvae.quantizers import EMAVectorQuantizer, VectorQuantizer
 
-        quantizers.USE_KERNEL = name != "vqvae-vq-nokernel"
+        nearest.USE_KERNEL = name != "vqvae-vq-nokernel"
         module = EMAVectorQuantizer(K, D, decay=0.99) if name == "vqvae-ema" else VectorQuantizer(K, D)
         module.train()._set_codes(torch.arange(K), codebook)
 
@@ -122,7 +122,7 @@ def make_step(name: str, K: int, shape: tuple[int, ...]):
             q = module(z0.detach().requires_grad_())
             torch.autograd.backward((q.loss, q.z_q), (one, upstream))
 
-        kernel = "compiled search" if quantizers.USE_KERNEL and quantizers._load_kernel() else "PyTorch search"
+        kernel = "compiled search" if nearest.USE_KERNEL and nearest.build_kernel() else "PyTorch search"
         return step, f"{module!r}, {kernel}"
     if name in ("vqpt-vq", "vqpt-ema"):
         from vector_quantize_pytorch import VectorQuantize

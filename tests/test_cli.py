@@ -183,7 +183,7 @@ def test_sample_grids(prior_run, tmp_path, capsys):
     assert code == 0
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
     code, _, err = run(capsys, "sample", prior_run, "--label", "10", "-o", tmp_path / "c.png")
-    assert code == 2 and "--label" in err
+    assert code == 2 and "label must be in 0..9" in err
 
 
 @pytest.mark.parametrize("coder", ["range", "huffman"])
@@ -221,3 +221,25 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
         assert (out / name).is_file(), name
     assert "WEBP" in stdout and "PNG" in stdout and "psnr" in stdout
     assert Image.open(out / "samples.png").size[1] > Image.open(out / "samples.png").size[0]  # 10 rows of 6
+
+
+def test_python_dash_m_and_version():
+    import vqvae
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    done = subprocess.run([sys.executable, "-m", "vqvae", "--help"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0 and "compress" in done.stdout and "Usage" in done.stdout
+    done = subprocess.run([sys.executable, "-m", "vqvae", "--version"], capture_output=True, text=True, env=env,
+                          timeout=120)
+    assert done.returncode == 0 and done.stdout.strip() == f"vqvae {vqvae.__version__}"
+    from importlib.metadata import version
+
+    assert vqvae.__version__ == version("vqvae")
+
+
+def test_eval_on_other_data(run_dir, capsys):
+    code, out, _ = run(capsys, "eval", run_dir, "--data", "digits", "--json")
+    assert code == 0 and json.loads(out)["images"] == 1797 // 10
+    code, _, err = run(capsys, "eval", run_dir, "--data", "cifar10")
+    assert code == 2 and "cifar10" in err

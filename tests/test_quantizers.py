@@ -4,35 +4,12 @@ import pytest
 import torch
 import torch.nn.functional as F
 
-from vqvae.quantizers import EMAVectorQuantizer, VectorQuantizer, _kmeans, nearest_codes
+from vqvae import nearest
+from vqvae.quantizers import EMAVectorQuantizer, Quantized, VectorQuantizer, build_quantizer
 
 
 def brute_force_distances(z, codebook):
     return torch.cdist(z.double(), codebook.double()).pow(2)  # (N, K)
-
-
-@pytest.mark.parametrize("K", [2, 3, 17, 512, 1000, 8192])
-@pytest.mark.parametrize("D", [1, 16, 64])
-def test_nearest_codes_match_brute_force(K, D):
-    gen = torch.Generator().manual_seed(K * 100 + D)
-    z = torch.randn(700, D, generator=gen)
-    codebook = torch.randn(K, D, generator=gen)
-    fast = nearest_codes(z, codebook)
-    dist = brute_force_distances(z, codebook)
-    reference = dist.argmin(1)
-    # Same index, or an exact tie up to float32 rounding of the distance (both are nearest).
-    chosen = dist.gather(1, fast[:, None]).squeeze(1)
-    best = dist.gather(1, reference[:, None]).squeeze(1)
-    assert torch.allclose(chosen, best, rtol=1e-5, atol=1e-5)
-    if D >= 16:  # in 1-D, thousands of codes make float32 near-ties common; in 16-D they are rare
-        assert (fast == reference).float().mean() > 0.99
-
-
-@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 10_000])
-def test_chunking_does_not_change_codes(chunk_rows):
-    gen = torch.Generator().manual_seed(0)
-    z, codebook = torch.randn(300, 8, generator=gen), torch.randn(50, 8, generator=gen)
-    assert torch.equal(nearest_codes(z, codebook, chunk_rows), nearest_codes(z, codebook, 300))
 
 
 def test_forward_shapes_and_values():
@@ -103,6 +80,17 @@ def test_stats_perplexity_and_usage():
     assert math.isclose(float(q.stats["usage"]), 0.5)
 
 
+def test_output_unpacks_as_a_tuple_and_by_name():
+    from vqvae.config import QuantizerConfig
+
+    for vq in (VectorQuantizer(10, 4), build_quantizer(QuantizerConfig(codebook_size=10, code_dim=4))):
+        out = vq(torch.randn(2, 4, 3, 5))
+        z_q, codes, loss = out  # the peer library's call shape
+        assert isinstance(out, Quantized)
+        assert z_q is out.z_q and codes is out.codes and loss is out.loss
+        assert set(out.stats) == {"perplexity", "usage", "commitment"}
+
+
 def test_ema_update_matches_hand_computation():
     decay, eps, K = 0.9, 1e-5, 3
     vq = EMAVectorQuantizer(K, 2, decay=decay, eps=eps)
@@ -130,6 +118,21 @@ def test_ema_update_matches_hand_computation():
     assert torch.equal(vq.codebook, before)
 
 
+def test_ema_laplace_smoothing_by_hand_and_unused_codes_stay_finite():
+    decay, eps = 0.5, 0.5  # large eps: the smoothing moves every code visibly
+    vq = EMAVectorQuantizer(3, 1, decay=decay, eps=eps).train()
+    vq.codebook.copy_(torch.tensor([[0.0], [10.0], [20.0]]))
+    vq.embed_sum.copy_(torch.tensor([[0.0], [10.0], [0.0]]))
+    vq.cluster_size.copy_(torch.tensor([1.0, 1.0, 0.0]))  # code 2 has never been used
+    q = vq(torch.tensor([[[0.5, 9.0, 11.0]]]))  # (1, 1, 3)
+    assert q.codes.tolist() == [[0, 1, 1]]
+    # N = 0.5 [1, 1, 0] + 0.5 [1, 2, 0] = [1, 1.5, 0];  M = 0.5 [0, 10, 0] + 0.5 [0.5, 20, 0] = [0.25, 15, 0]
+    # smoothed N = (N + 0.5) / (2.5 + 3 * 0.5) * 2.5 = [0.9375, 1.25, 0.3125]
+    assert torch.allclose(vq.cluster_size, torch.tensor([1.0, 1.5, 0.0]))
+    assert torch.allclose(vq.codebook.view(-1), torch.tensor([0.25 / 0.9375, 15 / 1.25, 0.0]))
+    assert torch.isfinite(vq.codebook).all()  # without smoothing, code 2 would be 0 / 0
+
+
 def test_kmeans_init_finds_clusters():
     gen = torch.Generator().manual_seed(0)
     centres = torch.tensor([[5.0, 5.0], [-5.0, 5.0], [0.0, -5.0]])
@@ -147,16 +150,6 @@ def test_kmeans_init_finds_clusters():
     snapshot = vq.codebook.detach().clone()
     vq(torch.randn(1, 2, 50) * 100)
     assert torch.equal(vq.codebook.detach(), snapshot)
-
-
-def test_kmeans_lowers_distortion_against_random_pick():
-    gen = torch.Generator().manual_seed(1)
-    x = torch.randn(2000, 4, generator=gen)
-    def distortion(c):
-        return brute_force_distances(x, c).min(1).values.mean()
-    init = _kmeans(x, 32, 0, generator=torch.Generator().manual_seed(0))
-    fitted = _kmeans(x, 32, 15, generator=torch.Generator().manual_seed(0))
-    assert distortion(fitted) < 0.8 * distortion(init)
 
 
 @pytest.mark.parametrize("cls", [VectorQuantizer, EMAVectorQuantizer])
@@ -181,6 +174,19 @@ def test_dead_codes_restart_from_encoder_outputs(cls):
     assert (vq.unused_steps < 3).all()
 
 
+@pytest.mark.parametrize("cls", [VectorQuantizer, EMAVectorQuantizer])
+def test_dead_code_counter_counts_steps_since_last_use(cls):
+    vq = cls(4, 1, dead_code_steps=5).train()
+    vq._set_codes(torch.arange(4), torch.tensor([[0.0], [10.0], [20.0], [30.0]]))
+    steps = [([0.1, 10.2], [0, 0, 1, 1]),  # (batch, unused steps of each code afterwards, by hand)
+             ([0.3], [0, 1, 2, 2]),
+             ([20.1, 0.2], [0, 2, 0, 3]),
+             ([0.1], [0, 3, 1, 4])]
+    for batch, expected in steps:
+        vq(torch.tensor(batch).view(1, 1, -1))
+        assert vq.unused_steps.tolist() == expected
+
+
 def test_dead_code_restart_disabled_by_zero():
     vq = VectorQuantizer(8, 2, dead_code_steps=0)
     vq.train()
@@ -192,16 +198,14 @@ def test_dead_code_restart_disabled_by_zero():
 
 # --- the fast paths: compiled CPU kernel and PyTorch fallback give the reference results ----------------
 
-from vqvae import quantizers  # noqa: E402
-
-HAS_KERNEL = quantizers._load_kernel() is not None
+HAS_KERNEL = nearest.build_kernel() is not None
 PATHS = [pytest.param(True, marks=pytest.mark.skipif(not HAS_KERNEL, reason="C++ kernel did not build"), id="kernel"),
          pytest.param(False, id="pytorch")]
 
 
 @pytest.fixture(params=PATHS)
 def use_kernel(request, monkeypatch):
-    monkeypatch.setattr(quantizers, "USE_KERNEL", request.param)
+    monkeypatch.setattr(nearest, "USE_KERNEL", request.param)
     return request.param
 
 
@@ -246,41 +250,13 @@ def test_second_backward_with_retain_graph_gives_the_same_gradient(use_kernel):
         assert torch.allclose(a, b, rtol=1e-6, atol=1e-7)
 
 
-@pytest.mark.parametrize("K,D,N", [(5000, 4, 600), (300, 64, 1000), (2, 3, 70)])
-def test_search_paths_agree_with_brute_force_across_code_tiles(K, D, N, monkeypatch):
-    monkeypatch.setattr(quantizers, "CODE_TILE", 256)  # several tiles even for small K
-    gen = torch.Generator().manual_seed(K + D)
-    z, codebook = torch.randn(2, D, N // 2, generator=gen), torch.randn(K, D, generator=gen)
-    rows = z.transpose(1, 2).reshape(-1, D)
-    dist = brute_force_distances(rows, codebook)
-    for use in [False] + [True] * HAS_KERNEL:
-        monkeypatch.setattr(quantizers, "USE_KERNEL", use)
-        codes = quantizers._nearest_codes(z, codebook).view(-1)
-        assert torch.allclose(dist.gather(1, codes[:, None]), dist.min(1, keepdim=True).values, rtol=1e-5, atol=1e-5)
-
-
-def test_ties_go_to_the_lowest_index_across_tiles(use_kernel, monkeypatch):
-    monkeypatch.setattr(quantizers, "CODE_TILE", 4)
-    codebook = torch.tensor([[9.0, 9.0], [1.0, 0.0], [5.0, 5.0], [7.0, 7.0], [8.0, 8.0], [1.0, 0.0], [1.0, 0.0]])
-    z = torch.tensor([[1.0, 0.1], [1.0, -0.1], [5.0, 5.0]])
-    assert nearest_codes(z, codebook).tolist() == [1, 1, 2]
-
-
-def test_nan_latent_gets_the_same_code_as_argmax(use_kernel):
-    codebook = torch.randn(10, 3)
-    z = torch.randn(4, 3)
-    z[2, 1] = float("nan")
-    expected = torch.addmm(-0.5 * codebook.pow(2).sum(1), z, codebook.t()).argmax(1)
-    assert torch.equal(nearest_codes(z, codebook), expected)
-
-
 def test_ema_update_and_stats_same_on_both_paths(monkeypatch):
     if not HAS_KERNEL:
         pytest.skip("C++ kernel did not build")
     z_e = torch.randn(4, 8, 9, 9, generator=torch.Generator().manual_seed(5))
     results = []
     for use in (True, False):
-        monkeypatch.setattr(quantizers, "USE_KERNEL", use)
+        monkeypatch.setattr(nearest, "USE_KERNEL", use)
         torch.manual_seed(0)
         vq = EMAVectorQuantizer(32, 8, decay=0.9).train()
         q = vq(z_e)
@@ -289,7 +265,7 @@ def test_ema_update_and_stats_same_on_both_paths(monkeypatch):
         assert torch.allclose(a.float(), b.float(), rtol=1e-5, atol=1e-6)
 
 
-def test_channels_last_and_low_precision_inputs(use_kernel):
+def test_channels_last_memory_format_and_low_precision_inputs(use_kernel):
     torch.manual_seed(0)
     vq = VectorQuantizer(16, 8)
     z_e = torch.randn(2, 8, 5, 6)
@@ -303,31 +279,6 @@ def test_channels_last_and_low_precision_inputs(use_kernel):
 def test_empty_batch(use_kernel):
     q = VectorQuantizer(8, 4)(torch.randn(0, 4, 3, 3))
     assert q.codes.shape == (0, 3, 3) and q.z_q.shape == (0, 4, 3, 3)
-
-
-@pytest.mark.parametrize("chunk_rows", [1, 7, 64, 10_000])
-def test_chunking_does_not_change_codes_of_pytorch_search(chunk_rows, monkeypatch):
-    monkeypatch.setattr(quantizers, "USE_KERNEL", False)
-    gen = torch.Generator().manual_seed(0)
-    z, codebook = torch.randn(300, 8, generator=gen), torch.randn(50, 8, generator=gen)
-    assert torch.equal(nearest_codes(z, codebook, chunk_rows), nearest_codes(z, codebook, 300))
-
-
-def test_quantizer_works_when_the_kernel_cannot_build(monkeypatch):
-    import torch.utils.cpp_extension
-
-    def no_compiler(*args, **kwargs):
-        raise RuntimeError("no C++ compiler")
-
-    monkeypatch.setattr(torch.utils.cpp_extension, "load_inline", no_compiler)
-    monkeypatch.setattr(quantizers, "_kernel", None)
-    z_e = torch.randn(2, 4, 3, 3)
-    vq = VectorQuantizer(8, 4)
-    with pytest.warns(RuntimeWarning, match="did not build"):
-        q = vq(z_e)
-    flat = z_e.permute(0, 2, 3, 1).reshape(-1, 4)
-    assert torch.equal(q.codes.reshape(-1), brute_force_distances(flat, vq.codebook).argmin(1))
-    assert quantizers._kernel is False  # not retried on every call
 
 
 def test_workspace_reused_only_once_outputs_are_gone(use_kernel):
@@ -344,3 +295,77 @@ def test_workspace_reused_only_once_outputs_are_gone(use_kernel):
         del q1, grad
         first = vq(z1.detach()).z_q.data_ptr()  # the buffer of the output just dropped is free again
         assert vq(z2).z_q.data_ptr() == first
+
+
+# --- layouts and dtypes ---------------------------------------------------------------------------------
+
+@pytest.mark.parametrize("cls", [VectorQuantizer, EMAVectorQuantizer])
+@pytest.mark.parametrize("spatial", [(7,), (3, 5)])  # (B, N, D) as a transformer holds it, and (B, H, W, D)
+def test_channels_last_gives_the_channels_first_result(use_kernel, cls, spatial):
+    torch.manual_seed(0)
+    first, last = cls(16, 4, dead_code_steps=2).train(), cls(16, 4, dead_code_steps=2, channels_last=True).train()
+    last.load_state_dict(first.state_dict())
+    z = torch.randn(2, 4, *spatial)  # (B, D, *S)
+    z_first, z_last = z.clone().requires_grad_(), z.movedim(1, -1).clone().requires_grad_()  # (B, *S, D)
+    upstream = torch.randn(z.shape)
+    a, b = first(z_first), last(z_last)
+    assert b.z_q.shape == z_last.shape and b.codes.shape == (2, *spatial)
+    assert torch.equal(b.codes, a.codes)
+    assert torch.equal(b.z_q, a.z_q.movedim(1, -1))
+    assert torch.equal(b.loss, a.loss)
+    (grad_first,) = torch.autograd.grad(a.loss + (a.z_q * upstream).sum(), z_first)
+    (grad_last,) = torch.autograd.grad(b.loss + (b.z_q * upstream.movedim(1, -1)).sum(), z_last)
+    assert torch.equal(grad_last, grad_first.movedim(1, -1))
+    assert torch.equal(last.codebook, first.codebook)  # the same training-time updates (EMA, restarts)
+
+
+def test_wrong_layout_is_refused_with_the_expected_shape():
+    with pytest.raises(ValueError, match=r"\(B, D, \*S\).*channels_last=True.*\(2, 7, 4\)"):
+        VectorQuantizer(16, 4)(torch.randn(2, 7, 4))
+    with pytest.raises(ValueError, match=r"\(B, \*S, D\) with D = 4, got shape \(2, 4, 7\)"):
+        VectorQuantizer(16, 4, channels_last=True)(torch.randn(2, 4, 7))
+
+
+@pytest.mark.parametrize("cls", [VectorQuantizer, EMAVectorQuantizer])
+def test_float64_quantizer_matches_brute_force_and_reference_gradients(use_kernel, cls):
+    gen = torch.Generator().manual_seed(0)
+    beta, ema = 0.3, cls is EMAVectorQuantizer
+    vq = cls(40, 5, commitment_weight=beta).double().train()
+    vq._set_codes(torch.arange(40), torch.randn(40, 5, generator=gen, dtype=torch.float64))
+    codebook = vq.embeddings.detach().clone()  # before this step's EMA update
+    z_e = torch.randn(2, 5, 6, 7, generator=gen, dtype=torch.float64, requires_grad=True)
+    upstream = torch.randn(z_e.shape, generator=gen, dtype=torch.float64)
+    q = vq(z_e)
+    assert q.z_q.dtype == q.loss.dtype == torch.float64
+    rows = z_e.detach().movedim(1, -1).reshape(-1, 5)
+    # float64 distances: gaps between the two nearest codes are far above rounding, so argmin is exact
+    assert torch.equal(q.codes.view(-1), torch.cdist(rows, codebook).argmin(1))
+    assert torch.equal(q.z_q.detach().movedim(1, -1), codebook[q.codes])
+    reference_codebook = codebook.requires_grad_() if ema else vq.codebook
+    ref_z_q, _, ref_loss = reference_quantize(z_e, reference_codebook, beta, ema=ema)
+    assert torch.allclose(q.loss, ref_loss, rtol=1e-12)
+    inputs = [z_e] if ema else [z_e, vq.codebook]
+    grads = torch.autograd.grad(q.loss + (q.z_q * upstream).sum(), inputs)
+    ref_grads = torch.autograd.grad(ref_loss + (ref_z_q * upstream).sum(), inputs)
+    for got, want in zip(grads, ref_grads):
+        assert got.dtype == torch.float64 and torch.allclose(got, want, rtol=1e-12, atol=1e-15)
+    if ema:
+        assert vq.cluster_size.dtype == torch.float64 and torch.isfinite(vq.codebook).all()
+
+
+@pytest.mark.parametrize("dtype", [torch.float16, torch.bfloat16])
+def test_half_precision_codebook_is_refused(dtype):
+    for vq in (VectorQuantizer(8, 4).to(dtype), EMAVectorQuantizer(8, 4).to(dtype)):
+        with pytest.raises(TypeError, match=f"codebook dtype {dtype} is not supported.*autocast"):
+            vq(torch.randn(1, 4, 3, dtype=dtype))
+
+
+def test_autocast_keeps_the_search_in_float32(use_kernel):
+    torch.manual_seed(0)
+    vq = VectorQuantizer(64, 8)
+    z_e = torch.randn(2, 8, 5, 5)
+    expected = vq(z_e)
+    with torch.autocast("cpu", dtype=torch.bfloat16):
+        q = vq(z_e)
+    assert q.loss.dtype == torch.float32 and q.z_q.dtype == torch.float32
+    assert torch.equal(q.codes, expected.codes) and torch.equal(q.z_q, expected.z_q)

@@ -1,9 +1,38 @@
-"""vqvae: discrete representations with Vector-Quantized VAEs, learned priors, sampling and compression."""
+"""vqvae: discrete representations with Vector-Quantized VAEs, learned priors, sampling and compression.
 
-from .autoencoders import VQVAE
+    import vqvae
+    run = vqvae.Run("runs/demo")                      # a run directory written by `vqvae train` / `vqvae prior`
+    model, prior = run.model(), run.prior()
+    encoded = model.encode(x)                         # x (B, C, H, W) in [0, 1], any H, W -> codes (B, H', W')
+    x_hat = model.decode(encoded)                     # (B, C, H, W) in [0, 1]
+    data, stats = run.compress([image])               # the bytes of a .vqz file (integer prior, range coder)
+    images = run.decompress(data)
+"""
+
+from .autoencoders import VQVAE, Encoded, Output
 from .config import ModelConfig, PriorConfig, QuantizerConfig, TrainConfig
+from .data import (Dataset, load_codes, load_dataset, load_images, save_codes, save_image, to_channels,
+                   write_bytes)
+from .errors import CodecError, ConfigError, DataError, RunError, VQVAEError
+from .evaluate import (compression_table, encode_dataset, evaluate_autoencoder, evaluate_run, likelihood,
+                       prior_figures)
+from .priors import PixelCNNPrior, Prior, TransformerPrior, build_prior, load_prior, prior_bits
 from .quantizers import EMAVectorQuantizer, Quantized, VectorQuantizer, build_quantizer
+from .report import sample_images, save_grid, save_reconstructions
+from .run import Run
+from .codec import compress, decompress, read_header
+from .train import Stopped, train_autoencoder, train_prior
 
 __version__ = "0.1.0"
-__all__ = ["VQVAE", "ModelConfig", "PriorConfig", "QuantizerConfig", "TrainConfig", "EMAVectorQuantizer",
-           "Quantized", "VectorQuantizer", "build_quantizer"]
+__all__ = [
+    "VQVAE", "Encoded", "Output",
+    "ModelConfig", "PriorConfig", "QuantizerConfig", "TrainConfig",
+    "Dataset", "load_codes", "load_dataset", "load_images", "save_codes", "save_image", "to_channels", "write_bytes",
+    "CodecError", "ConfigError", "DataError", "RunError", "VQVAEError",
+    "compression_table", "encode_dataset", "evaluate_autoencoder", "evaluate_run", "likelihood", "prior_figures",
+    "PixelCNNPrior", "Prior", "TransformerPrior", "build_prior", "load_prior", "prior_bits",
+    "EMAVectorQuantizer", "Quantized", "VectorQuantizer", "build_quantizer",
+    "sample_images", "save_grid", "save_reconstructions",
+    "Run", "compress", "decompress", "read_header",
+    "Stopped", "train_autoencoder", "train_prior",
+]

@@ -1,12 +1,16 @@
 """The VQ-VAE: encoder, vector quantizer, decoder; saved as `config.json` + `model.safetensors`.
 
-Key: B batch, C image channels, D code dim, K codebook size, S input spatial shape, S' = S / downsample.
-Inputs are in [0, 1] (data.py scales them); the networks see them centred at 0.
+Key: B batch, C image channels, D code dim, K codebook size, S input spatial shape ((H, W) or (T,)),
+S' = ceil(S / downsample) the code grid.
+
+Inputs are in [0, 1] (data.py scales them) and may have any size: the model pads them at the bottom and
+right by repeating the edge up to a multiple of `downsample`, and crops outputs back. This is the only
+place that pads. `encode` returns an `Encoded` that remembers the input size, so
+`model.decode(model.encode(x))` has x's shape.
 """
 
 from __future__ import annotations
 
-import json
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -20,17 +24,42 @@ from .errors import RunError
 from .nets import Decoder, Encoder
 from .quantizers import Quantized, build_quantizer
 
-from .pretrained import CONFIG_NAME, WEIGHTS_NAME  # noqa: F401 (re-exported)
-
 
 @dataclass
 class Output:
-    """x_hat (B, C, *S) reconstruction; loss scalar to minimise; metrics detached scalar tensors."""
+    """x_hat (B, C, *S) reconstruction; loss scalar to minimise; metrics detached scalar tensors;
+    codes (B, *S') int64."""
 
     x_hat: torch.Tensor
     loss: torch.Tensor
     metrics: dict[str, torch.Tensor]
     codes: torch.Tensor
+
+
+@dataclass
+class Encoded:
+    """Code grids and the spatial size of the inputs they encode.
+
+    codes: (B, *S') int64 indices into the codebook. size: S, the inputs' (H, W) (or (T,)): `decode`
+    crops its output to it.
+    """
+
+    codes: torch.Tensor
+    size: tuple[int, ...]
+
+
+def pad_to_multiple(x: torch.Tensor, factor: int) -> torch.Tensor:
+    """Pad (B, C, *S) at the end of each spatial dim by repeating the edge so each size is a multiple of
+    `factor` -> (B, C, *ceil(S / factor) * factor)."""
+    pads = [-s % factor for s in x.shape[2:]]
+    if not any(pads):
+        return x
+    return F.pad(x, [p for pad in reversed(pads) for p in (0, pad)], mode="replicate")
+
+
+def crop(x: torch.Tensor, size: tuple[int, ...]) -> torch.Tensor:
+    """(B, C, *S_padded) -> (B, C, *size): drop what `pad_to_multiple` added."""
+    return x[(..., *(slice(0, s) for s in size))]
 
 
 class VQVAE(nn.Module):
@@ -45,40 +74,68 @@ class VQVAE(nn.Module):
         self.quantizer = build_quantizer(q)
         self.decoder = Decoder(*args)
 
+    @property
+    def device(self) -> torch.device:
+        return next(self.parameters()).device
+
+    def code_shape(self, size: tuple[int, ...]) -> tuple[int, ...]:
+        """The code grid S' of an input of spatial size S: ceil(S / downsample) per dim."""
+        return tuple(-(-int(s) // self.cfg.downsample) for s in size)
+
     def _check_input(self, x: torch.Tensor) -> None:
-        f = self.cfg.downsample
-        if x.dim() != self.cfg.dims + 2 or x.shape[1] != self.cfg.in_channels:
-            raise ValueError(f"expected input (B, {self.cfg.in_channels}, {'*S' if self.cfg.dims == 1 else 'H, W'}), "
-                             f"got {tuple(x.shape)}")
-        if any(s % f for s in x.shape[2:]):
-            raise ValueError(f"spatial size {tuple(x.shape[2:])} is not a multiple of downsample={f}; pad first")
+        if not isinstance(x, torch.Tensor) or x.dim() != self.cfg.dims + 2 or x.shape[1] != self.cfg.in_channels:
+            shape = tuple(x.shape) if isinstance(x, torch.Tensor) else type(x).__name__
+            raise ValueError(f"expected input (B, {self.cfg.in_channels}, {'T' if self.cfg.dims == 1 else 'H, W'}), "
+                             f"got {shape}")
+        if any(s < 1 for s in x.shape[2:]) or x.shape[0] < 1:
+            raise ValueError(f"expected a non-empty input, got shape {tuple(x.shape)}")
 
     def quantize(self, x: torch.Tensor) -> Quantized:
+        """x (B, C, *S), any S -> the quantizer's output on the padded input's code grid (B, D, *S')."""
         self._check_input(x)
-        return self.quantizer(self.encoder(x - 0.5))  # z_e (B, D, *S')
+        return self.quantizer(self.encoder(pad_to_multiple(x, self.cfg.downsample) - 0.5))  # z_e (B, D, *S')
 
     def forward(self, x: torch.Tensor) -> Output:
-        """Reconstruction MSE + quantizer loss; metrics: mse, vq_loss, perplexity, usage."""
+        """Reconstruction MSE + quantizer loss; metrics: mse, vq_loss, perplexity, usage, commitment."""
         q = self.quantize(x)
-        x_hat = self.decoder(q.z_q) + 0.5  # (B, C, *S)
+        x_hat = crop(self.decoder(q.z_q) + 0.5, x.shape[2:])  # (B, C, *S)
         mse = F.mse_loss(x_hat, x)
         metrics = {"mse": mse.detach(), "vq_loss": q.loss.detach(), **q.stats}
         return Output(x_hat, mse + q.loss, metrics, q.codes)
 
     @torch.no_grad()
-    def encode(self, x: torch.Tensor) -> torch.Tensor:
-        """x (B, C, *S) in [0, 1] -> codes (B, *S') int64."""
-        return self.quantize(x).codes
+    def encode(self, x: torch.Tensor) -> Encoded:
+        """x (B, C, *S) in [0, 1], any S -> Encoded(codes (B, *S') int64, size S)."""
+        return Encoded(self.quantize(x).codes, tuple(int(s) for s in x.shape[2:]))
 
-    def decode(self, codes: torch.Tensor) -> torch.Tensor:
-        """codes (B, *S') -> x_hat (B, C, *S), not clamped."""
-        e = self.quantizer.embeddings[codes]  # (B, *S', D)
-        return self.decoder(torch.movedim(e, -1, 1)) + 0.5
+    @torch.no_grad()
+    def decode(self, codes: Encoded | torch.Tensor, size: tuple[int, ...] | None = None) -> torch.Tensor:
+        """Codes -> images (B, C, *S) in [0, 1] (clamped, no gradient).
+
+        codes: an `Encoded` (output cropped to its size) or a (B, *S') integer tensor (output of size
+        `size` if given, else S' * downsample). For gradients, use `decoder` on `quantizer` outputs.
+        """
+        if isinstance(codes, Encoded):
+            codes, size = codes.codes, size or codes.size
+        K = self.cfg.quantizer.codebook_size
+        if codes.dim() != self.cfg.dims + 1 or codes.dtype.is_floating_point:
+            raise ValueError(f"expected integer codes (B, {'T' if self.cfg.dims == 1 else 'H, W'}), "
+                             f"got {codes.dtype} {tuple(codes.shape)}")
+        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= K):
+            raise ValueError(f"codes must be in 0..{K - 1}, got values in {int(codes.min())}..{int(codes.max())}")
+        e = self.quantizer.embeddings[codes.long().to(self.device)]  # (B, *S', D)
+        x_hat = self.decoder(torch.movedim(e, -1, 1)) + 0.5  # (B, C, *S' * downsample)
+        if size is not None:
+            if self.code_shape(size) != tuple(codes.shape[1:]):
+                raise ValueError(f"size {tuple(size)} does not fit codes of shape {tuple(codes.shape[1:])} "
+                                 f"(downsample {self.cfg.downsample})")
+            x_hat = crop(x_hat, size)
+        return x_hat.clamp(0, 1)
 
     @torch.no_grad()
     def reconstruct(self, x: torch.Tensor) -> torch.Tensor:
-        """decode(encode(x)) clamped to [0, 1]."""
-        return self.decode(self.encode(x)).clamp(0, 1)
+        """decode(encode(x)): (B, C, *S) in [0, 1], the input's size."""
+        return self.decode(self.encode(x))
 
     def save_pretrained(self, directory: str | Path, extra: dict | None = None) -> None:
         """Write `config.json` (model config plus `extra` keys) and `model.safetensors`, atomically."""
@@ -86,21 +143,11 @@ class VQVAE(nn.Module):
 
     @classmethod
     def from_pretrained(cls, directory: str | Path, device: str | torch.device = "cpu") -> "VQVAE":
-        """Rebuild from `config.json` and load `model.safetensors` (never unpickles)."""
+        """Rebuild from `config.json` and load `model.safetensors` (never unpickles); in eval mode."""
         config = pretrained.read_config(directory, "a run directory written by `vqvae train`", "model")
         try:
             cfg = from_dict(ModelConfig, config["model"])
-        except KeyError as e:
-            raise RunError(f"{Path(directory) / CONFIG_NAME}: not a vqvae model config (no {e} section)") from None
+        except (KeyError, TypeError):
+            raise RunError(f"{Path(directory) / pretrained.CONFIG_NAME}: not a vqvae model config "
+                           "(no 'model' section)") from None
         return pretrained.load_weights(cls(cfg), directory, device)
-
-
-def read_run_config(directory: str | Path) -> dict:
-    """The whole `config.json` of a run (model, data, train sections)."""
-    path = Path(directory) / CONFIG_NAME
-    if not path.is_file():
-        raise RunError(f"{path}: missing; expected a run directory written by `vqvae train`")
-    try:
-        return json.loads(path.read_text())
-    except ValueError as e:
-        raise RunError(f"{path}: not valid JSON ({e})") from None

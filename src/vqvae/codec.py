@@ -41,7 +41,6 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .autoencoders import VQVAE
-from .data import pad_to_multiple, unpad
 from .errors import CodecError
 from .nets import eval_mode
 from .priors import Prior
@@ -495,8 +494,7 @@ def compress(model: VQVAE, prior: Prior | None, images: list[Tensor], coder: str
     with eval_mode(model, prior):
         codes = []
         for x in images:
-            padded, _ = pad_to_multiple(x.to(device, torch.float32)[None], factor)  # (1, C, H', W')
-            codes.append(model.encode(padded)[0].cpu())  # (h, w)
+            codes.append(model.encode(x.to(device, torch.float32)[None]).codes[0].cpu())  # (h, w)
         flat = np.concatenate([c.reshape(-1).numpy() for c in codes]).astype(np.int64)
         labels = None
         if coder == "range":
@@ -571,5 +569,5 @@ def decompress(model: VQVAE, prior: Prior | None, data: bytes, code_counts: Tens
         for (_, H, W), (h, w) in zip(header.shapes, latent_shapes):
             codes = torch.from_numpy(flat[offset : offset + h * w].reshape(1, h, w)).to(device)
             offset += h * w
-            images.append(unpad(model.decode(codes), (h * factor - H, w * factor - W))[0].clamp(0, 1))
+            images.append(model.decode(codes, (H, W))[0])
     return images

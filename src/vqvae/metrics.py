@@ -66,36 +66,6 @@ def codes_used(counts: torch.Tensor) -> float:
     return float((counts > 0).double().mean())
 
 
-@torch.no_grad()
-def evaluate_autoencoder(model, images: torch.Tensor, batch_size: int = 250) -> dict:
-    """Held-out figures of an autoencoder on images (B, C, H, W) in [0, 1], sizes a multiple of downsample.
-
-    psnr and ssim are means over images; mse is per pixel; perplexity and codes_used describe the code
-    histogram of the whole split.
-    """
-    model.eval()
-    device = next(model.parameters()).device
-    K = model.cfg.quantizer.codebook_size
-    counts = torch.zeros(K, dtype=torch.long)
-    psnrs, ssims, mses = [], [], []
-    for start in range(0, images.shape[0], batch_size):
-        x = images[start:start + batch_size].to(device)
-        codes = model.encode(x)
-        x_hat = model.decode(codes).clamp(0, 1)
-        counts += code_histogram(codes.cpu(), K)
-        psnrs.append(psnr(x_hat, x).cpu())
-        ssims.append(ssim(x_hat, x).cpu())
-        mses.append((x_hat - x).pow(2).flatten(1).mean(1).cpu())
-    return {
-        "psnr": float(torch.cat(psnrs).mean()),
-        "ssim": float(torch.cat(ssims).mean()),
-        "mse": float(torch.cat(mses).mean()),
-        "perplexity": perplexity(counts),
-        "codes_used": codes_used(counts),
-        "images": int(images.shape[0]),
-    }
-
-
 def discretized_gaussian_nll_bits(x: torch.Tensor, mean: torch.Tensor, log_scale: float | torch.Tensor) -> torch.Tensor:
     """-log2 P(x | mean, scale) per image (B,) for 8-bit pixels x = k/255, k in 0..255.
 

@@ -1,4 +1,4 @@
-"""Pictures of a run: image grids (reconstructions, samples).
+"""Pictures of a run: image grids of reconstructions and of samples from the prior.
 
 Images are float tensors (B, C, H, W) in [0, 1].
 """
@@ -44,3 +44,39 @@ def save_comparison(originals: torch.Tensor, reconstructions: torch.Tensor, path
     filler = torch.ones(pad_count, *originals.shape[1:])
     both = torch.cat([originals.cpu(), filler, reconstructions.cpu(), filler])
     save_grid(both, path, nrow=nrow, scale=scale)
+
+
+@torch.no_grad()
+def save_reconstructions(model, images: torch.Tensor, path: str | Path, n: int = 32) -> Path:
+    """`n` images spread over `images` (so a split sorted by class shows every class) in the upper rows,
+    their reconstructions below."""
+    x = images[torch.linspace(0, len(images) - 1, min(n, len(images))).long()]
+    save_comparison(x, model.reconstruct(x.to(model.device)).cpu(), path)
+    return Path(path)
+
+
+@torch.no_grad()
+def sample_images(model, prior, n: int, label: int | None = None, temperature: float = 1.0,
+                  top_k: int | None = None, seed: int = 0) -> tuple[torch.Tensor, int | None]:
+    """Draw code grids from `prior` and decode them -> (images (B, C, H, W) in [0, 1], images per row).
+
+    A class-conditional prior without `label` gives ceil(n / classes) samples of every class, one row
+    per class (the second value); with `label`, n samples of that class. Raises ConfigError for bad values.
+    """
+    from .errors import ConfigError
+
+    classes = prior.cfg.num_classes
+    if n < 1 or temperature < 0 or (top_k is not None and top_k < 1):
+        raise ConfigError(f"need n >= 1, temperature >= 0 and top_k >= 1; got {n}, {temperature}, {top_k}")
+    if label is not None and not 0 <= label < max(classes, 1):
+        raise ConfigError(f"label must be in 0..{classes - 1} for this prior, got {label}" if classes else
+                          "a label needs a class-conditional prior; this prior has no classes")
+    nrow, cond = None, None
+    if classes and label is None:
+        nrow = math.ceil(n / classes)
+        cond = torch.arange(classes, device=prior.device).repeat_interleave(nrow)
+    elif classes:
+        cond = torch.full((n,), label, device=prior.device)
+    generator = torch.Generator(device=prior.device).manual_seed(seed)
+    codes = prior.sample(len(cond) if cond is not None else n, cond, temperature, top_k, generator)
+    return model.decode(codes.to(model.device)).cpu(), nrow

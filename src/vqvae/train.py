@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import json
 import math
+import shutil
 import signal
 import threading
 import time
@@ -21,13 +22,14 @@ import torch
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
-from .autoencoders import VQVAE, read_run_config
+from .autoencoders import VQVAE
 from .config import ModelConfig, TrainConfig, from_dict, to_dict, write_json
-from .data import load_dataset, pad_to_multiple
+from .data import load_dataset
 from .errors import RunError
-from .metrics import evaluate_autoencoder
+from .evaluate import encode_dataset, evaluate_autoencoder, likelihood, prior_figures
+from .run import Run
 
-STATE_NAME, METRICS_NAME = "train_state.pt", "metrics.jsonl"
+STATE_NAME, METRICS_NAME = Run.STATE, Run.METRICS
 
 
 class Stopped(Exception):
@@ -199,7 +201,7 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
     """
     out_dir = Path(out_dir)
     if resume:
-        saved = read_run_config(out_dir)
+        saved = Run(out_dir).config
         model_cfg = from_dict(ModelConfig, saved["model"])
         train_cfg = from_dict(TrainConfig, saved["train"])
     elif (out_dir / STATE_NAME).exists():
@@ -207,7 +209,7 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
     torch.manual_seed(train_cfg.seed)
     device = pick_device(train_cfg.device)
     data = load_dataset(train_cfg.data, seed=train_cfg.seed)
-    train_x, _ = pad_to_multiple(data.train, model_cfg.downsample)
+    train_x = data.train  # (N, C, H, W); the model pads sizes that are not a multiple of its downsampling
     if data.channels != model_cfg.in_channels:
         model_cfg = replace(model_cfg, in_channels=data.channels)
     if device.type == "cpu":  # the quantizer's C++ kernel: compiled on first use (~30 s), then cached
@@ -243,11 +245,10 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
         (out_dir / METRICS_NAME).unlink(missing_ok=True)
         model.save_pretrained(out_dir, extra)
     trainer.fit()
-    return evaluate_autoencoder(model, pad_to_multiple(data.test, model_cfg.downsample)[0])
+    return evaluate_autoencoder(model, data.test)
 
 
 # -- priors ---------------------------------------------------------------------------------------------
-CODES_DIR, PRIOR_DIR = "codes", "prior"
 
 
 def shifted(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -260,16 +261,7 @@ def shifted(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return padded[:, :, top:top + H, left:left + W]
 
 
-@torch.no_grad()
-def encode_split(model: VQVAE, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Images (N, C, H, W) -> int16 code grids (N, *S'), sizes padded to the downsampling factor."""
-    device = next(model.parameters()).device
-    images, _ = pad_to_multiple(images, model.cfg.downsample)
-    grids = [model.encode(images[i:i + batch_size].to(device)).cpu() for i in range(0, len(images), batch_size)]
-    return torch.cat(grids).to(torch.int16)
-
-
-def cached_codes(run: Path, model: VQVAE, shifts: int = 0) -> dict[str, torch.Tensor | None]:
+def cached_codes(run: Run, model: VQVAE, shifts: int = 0) -> dict[str, torch.Tensor | None]:
     """The run's train and held-out code grids (and labels), encoded once and cached under RUN/codes/.
 
     `shifts` > 0 adds copies of the training images translated by up to that many pixels (a 3x3 or
@@ -277,36 +269,26 @@ def cached_codes(run: Path, model: VQVAE, shifts: int = 0) -> dict[str, torch.Te
     a cheap way to give a small dataset's prior more sequences. The cache is keyed by the model's
     weights and the shift setting, so retraining the autoencoder never reuses stale codes.
     """
-    import numpy as np
-
     from .codec import fingerprint
 
-    directory = run / CODES_DIR
     key = {"model": fingerprint(model).hex(), "shifts": shifts}
-    meta = directory / "meta.json"
-    names = ("train", "test", "train_labels", "test_labels")
-    if meta.is_file() and json.loads(meta.read_text()) == key:
-        return {n: torch.from_numpy(np.load(directory / f"{n}.npy")) if (directory / f"{n}.npy").is_file() else None
-                for n in names}
-    data = load_dataset(read_run_config(run)["data"]["uri"])
+    cached = run.read_codes(key)
+    if cached is not None:
+        return cached
+    data = run.dataset()
     offsets = [(dy, dx) for dy in range(-shifts, shifts + 1) for dx in range(-shifts, shifts + 1)]
     offsets.sort(key=lambda o: (o != (0, 0), o))  # the unshifted images first
-    train = torch.cat([encode_split(model, shifted(data.train, dy, dx)) for dy, dx in offsets])
+    train = torch.cat([encode_dataset(model, shifted(data.train, dy, dx)) for dy, dx in offsets])
     train_labels = None if data.train_labels is None else data.train_labels.repeat(len(offsets))
-    arrays = {"train": train, "test": encode_split(model, data.test),
+    arrays = {"train": train, "test": encode_dataset(model, data.test),
               "train_labels": train_labels, "test_labels": data.test_labels}
-    directory.mkdir(exist_ok=True)
-    for name, value in arrays.items():
-        if value is not None:
-            tmp = directory / f"{name}.tmp.npy"
-            np.save(tmp, value.numpy())
-            tmp.replace(directory / f"{name}.npy")
-    write_json(meta, key)
+    run.write_codes(arrays, key)
     return arrays
 
 
 def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConfig, shifts: int = 1,
-                resume: bool = False, show_progress: bool = True, console: Console | None = None) -> dict:
+                resume: bool = False, force: bool = False, show_progress: bool = True,
+                console: Console | None = None) -> dict:
     """Fit an autoregressive prior to the run's codes into RUN/prior/; returns held-out figures.
 
     Class-conditional when the dataset has labels. Figures: nll_bits_per_latent, uniform_bits_per_latent
@@ -314,12 +296,14 @@ def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConf
     """
     from .priors import Prior, PriorConfig, build_prior
 
-    run = Path(run)
+    run = Run(run)
     device = pick_device(train_cfg.device)
-    model = VQVAE.from_pretrained(run, device=device)
+    model = run.model(device)
     codes = cached_codes(run, model, shifts)
-    out_dir = run / PRIOR_DIR
-    num_classes = int(read_run_config(run)["data"].get("num_classes", 0))
+    out_dir = run.prior_dir
+    num_classes = run.num_classes
+    if force and not resume and out_dir.exists():  # only once the codes it will be trained on exist
+        shutil.rmtree(out_dir)
     if resume:
         prior = Prior.from_pretrained(out_dir, device=device)
         train_cfg = from_dict(TrainConfig, json.loads((out_dir / "train.json").read_text()))
@@ -353,15 +337,7 @@ def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConf
     else:
         (out_dir / METRICS_NAME).unlink(missing_ok=True)
     trainer.fit()
-    return prior_figures(prior, codes)
-
-
-def prior_figures(prior, codes: dict) -> dict:
-    """Held-out NLL of the codes under `prior` next to the uniform prior's log2 K bits per latent."""
-    from .priors import prior_bits
-
-    nll = float(prior_bits(prior, codes["test"]).mean())
-    L = prior.seq_len
-    return {"nll_bits_per_latent": nll / L, "nll_bits_per_image": nll,
-            "uniform_bits_per_latent": math.log2(prior.cfg.codebook_size), "latents_per_image": L,
-            "arch": prior.cfg.arch, "class_conditional": bool(prior.cfg.num_classes)}
+    figures = prior_figures(prior, codes)
+    data = run.dataset()
+    figures.update(likelihood(model, prior, data.train, data.test))
+    return figures
