@@ -14,8 +14,10 @@ from hypothesis import strategies as st
 
 from vqvae import codec
 from vqvae.autoencoders import VQVAE
-from vqvae.codec import Header, compress, decompress, fingerprint, quantize_logits, read_header
+from vqvae.codec import (Header, compress, container, decompress, decompress_codes, entropy, fingerprint, huffman,
+                         quantize_logits, read_header)
 from vqvae.config import ModelConfig, PriorConfig, QuantizerConfig
+from vqvae.data import to_uint8
 from vqvae.errors import CodecError
 from vqvae.priors import PixelCNNPrior, TransformerPrior
 
@@ -47,10 +49,16 @@ def blobs(n, size=(28, 28), seed=0, channels=1):
 
 
 def reference(model, x):
-    """Independent of the codec: codes and reconstruction of one image, batch of one."""
+    """Independent of the codec: codes and reconstruction of one image, batch of one (as the codec does:
+    float results of other batch groupings may differ in the last bit)."""
     with torch.no_grad():
         encoded = model.encode(x[None])
         return encoded.codes[0], model.decode(encoded)[0]
+
+
+def same_pixels(a, b):
+    """Images (C, H, W) equal as 8-bit pixels, what a user gets from a decoded file."""
+    return a.shape == b.shape and np.array_equal(to_uint8(a), to_uint8(b))
 
 
 def assert_round_trip(model, images, out, stats):
@@ -58,7 +66,7 @@ def assert_round_trip(model, images, out, stats):
     for x, y, codes in zip(images, out, stats["codes"]):
         ref_codes, ref_image = reference(model, x)
         assert torch.equal(codes, ref_codes)
-        assert y.shape == x.shape and torch.equal(y, ref_image)
+        assert y.shape == x.shape and same_pixels(y, ref_image)
 
 
 @pytest.fixture(scope="module", autouse=True)
@@ -107,7 +115,7 @@ def test_round_trip_huffman(model):
     data, stats = compress(model, None, images, coder="huffman", code_counts=counts)
     assert read_header(data).coder == "huffman"
     assert_round_trip(model, images, decompress(model, None, data, code_counts=counts.numpy()), stats)
-    lengths = np.array([len(w) for w in codec._huffman_code(counts.numpy())])
+    lengths = np.array([len(w) for w in huffman.canonical_code(counts.numpy())])
     flat = torch.cat([c.flatten() for c in stats["codes"]]).numpy()
     assert stats["payload_bytes"] == math.ceil(lengths[flat].sum() / 8)
 
@@ -116,7 +124,7 @@ def test_round_trip_huffman(model):
 def test_huffman_code_is_an_optimal_prefix_code(seed):
     rng = np.random.default_rng(seed)
     counts = rng.integers(0, [2, 10, 1000][seed % 3], size=rng.integers(2, 40))
-    words = codec._huffman_code(counts)
+    words = huffman.canonical_code(counts)
     weights = counts + 1
     assert sum(2.0 ** -len(w) for w in words) == 1  # complete
     assert not any(a != b and b.startswith(a) for a in words for b in words)  # prefix-free
@@ -182,13 +190,15 @@ def test_compress_restores_modes_and_leaves_weights_alone(model):
 
 def test_encoder_and_decoder_see_identical_integer_probabilities(model, monkeypatch):
     prior = tiny_prior(num_classes=3)
-    original, seen = codec.quantize_logits, []
+    original, seen = entropy.drive, []
 
-    def recording(logits):
-        seen[-1].append(original(logits))
-        return seen[-1][-1]
+    def recording(source, layout, labels, flat, code_position):
+        def record(freqs, targets):
+            seen[-1].append((freqs.copy(), targets.copy()))
+            code_position(freqs, targets)
+        original(source, layout, labels, flat, record)
 
-    monkeypatch.setattr(codec, "quantize_logits", recording)
+    monkeypatch.setattr(entropy, "drive", recording)
     images = blobs(5) + [torch.rand(1, 29, 31)]  # 5 + 4 tiles: one chunk of 9 sequences, 49 steps
     seen.append([])
     data, _ = compress(model, prior, images)
@@ -197,8 +207,8 @@ def test_encoder_and_decoder_see_identical_integer_probabilities(model, monkeypa
     assert len(seen) == 2
     seen = {"compress": seen[0], "decompress": seen[1]}
     assert len(seen["compress"]) == len(seen["decompress"]) == 49
-    for a, b in zip(seen["compress"], seen["decompress"]):
-        assert a.dtype == b.dtype == np.int64 and np.array_equal(a, b)
+    for (a, targets_a), (b, targets_b) in zip(seen["compress"], seen["decompress"]):
+        assert a.dtype == b.dtype == np.int64 and np.array_equal(a, b) and np.array_equal(targets_a, targets_b)
         assert (a >= 1).all() and (a.sum(1) == 1 << codec.PRECISION).all()
 
 
@@ -232,9 +242,9 @@ def test_range_coder_uses_exactly_the_integer_frequencies():
 def test_prior_decoding_mismatch_is_an_error_not_a_wrong_image(model, prior, monkeypatch):
     # What a decoder on another device would see: logits off by a few ulps.
     data, _ = compress(model, prior, blobs(2))
-    original = codec.quantize_logits
+    original = entropy.quantize_logits
     g = torch.Generator().manual_seed(0)
-    monkeypatch.setattr(codec, "quantize_logits", lambda x: original(x + 1e-6 * torch.randn(x.shape, generator=g)))
+    monkeypatch.setattr(entropy, "quantize_logits", lambda x: original(x + 1e-6 * torch.randn(x.shape, generator=g)))
     with pytest.raises(CodecError, match="do not account"):
         decompress(model, prior, data)
 
@@ -280,10 +290,10 @@ def test_header_round_trip_and_size(model, prior):
 
 headers = st.builds(
     lambda coder, fps, shapes, uniform, labels: Header(
-        coder, fps[:codec.FINGERPRINT_BYTES], fps[codec.FINGERPRINT_BYTES:], tuple(shapes[:1] * len(shapes)) if uniform else tuple(shapes),
+        coder, fps[:container.FINGERPRINT_BYTES], fps[container.FINGERPRINT_BYTES:], tuple(shapes[:1] * len(shapes)) if uniform else tuple(shapes),
         None if labels is None else tuple((labels * len(shapes))[: len(shapes)])),
-    st.sampled_from(codec.CODERS),
-    st.binary(min_size=2 * codec.FINGERPRINT_BYTES, max_size=2 * codec.FINGERPRINT_BYTES),
+    st.sampled_from(container.CODERS),
+    st.binary(min_size=2 * container.FINGERPRINT_BYTES, max_size=2 * container.FINGERPRINT_BYTES),
     st.lists(st.tuples(st.integers(1, 4), st.integers(1, 3000), st.integers(1, 3000)), min_size=1, max_size=5),
     st.booleans(), st.none() | st.lists(st.integers(0, 1000), min_size=1, max_size=5))
 
@@ -304,7 +314,7 @@ def test_uniform_sizes_are_stored_once(model, prior):
 
 def test_fingerprint():
     a, b = tiny_model(), tiny_model()
-    assert len(fingerprint(a)) == codec.FINGERPRINT_BYTES and len(fingerprint(a, 8)) == 8
+    assert len(fingerprint(a)) == container.FINGERPRINT_BYTES and len(fingerprint(a, 8)) == 8
     assert fingerprint(a) == fingerprint(b) == fingerprint(copy.deepcopy(a))
     with torch.no_grad():
         next(b.parameters()).view(-1)[0] += 1e-6
@@ -393,7 +403,7 @@ def test_crafted_headers_are_caught(model, prior, small_file):
         with pytest.raises(CodecError, match=match):
             decompress(model, prior, reseal(bad.to_bytes() + payload))
     raw = bytearray(header.to_bytes())
-    flags = 4 + 2 * codec.FINGERPRINT_BYTES  # offset of the flags byte
+    flags = 4 + 2 * container.FINGERPRINT_BYTES  # offset of the flags byte
     raw[flags] |= 0x40  # an unknown flag
     with pytest.raises(CodecError, match="flags"):
         decompress(model, prior, reseal(bytes(raw) + payload))
@@ -464,11 +474,16 @@ def test_random_mutations_give_codec_error_or_the_right_images(model, prior, mut
         assert bytes(data) != original
         return
     assert bytes(data) == original  # anything else must have raised
-    assert all(torch.equal(a, b) for a, b in zip(out, expected))
+    assert all(same_pixels(a, b) for a, b in zip(out, expected))
 
 
 def test_round_trip_of_the_500_held_out_digits():
-    """The issue's round trip on real data: every held-out MNIST digit, one file, both coders."""
+    """The issue's round trip on real data: every held-out MNIST digit, one file, both coders.
+
+    Codes are compared exactly and images as 8-bit pixels. The references are computed one image at a
+    time, as the codec does: a batch of 500 gives the same codes and pixels up to float rounding (6e-8
+    here), which may move a distance or a pixel across a rounding boundary on another machine.
+    """
     from vqvae.data import load_dataset
 
     model = tiny_model()
@@ -479,12 +494,15 @@ def test_round_trip_of_the_500_held_out_digits():
         model.train()
         model(digits[:100])  # k-means initialisation on real digits, so many codes occur
         model.eval()
-    codes = model.encode(digits).codes
-    expected = model.decode(codes)
-    counts = torch.bincount(codes.flatten(), minlength=model.cfg.quantizer.codebook_size)
+        codes = [model.encode(x[None]).codes[0] for x in digits]  # (7, 7) each
+        expected = [to_uint8(model.decode(c[None], x.shape[1:])[0]) for c, x in zip(codes, digits)]
+    counts = torch.bincount(torch.stack(codes).flatten(), minlength=model.cfg.quantizer.codebook_size)
+    assert (counts > 0).sum() >= 8  # many codes occur
     for coder in ("range", "huffman"):
         data, stats = compress(model, prior if coder == "range" else None, list(digits), coder=coder,
                                code_counts=counts)
-        assert torch.equal(torch.stack(stats["codes"]), codes)
+        assert all(torch.equal(a, b) for a, b in zip(stats["codes"], codes))
+        decoded = decompress_codes(model, prior if coder == "range" else None, data, code_counts=counts)
+        assert len(decoded) == 500 and all(torch.equal(a, b) for a, b in zip(decoded, codes))
         images = decompress(model, prior if coder == "range" else None, data, code_counts=counts)
-        assert len(images) == 500 and all(torch.equal(a, b) for a, b in zip(images, expected))
+        assert len(images) == 500 and all(np.array_equal(to_uint8(a), b) for a, b in zip(images, expected))
