@@ -17,6 +17,7 @@ from vqvae.codec import PRECISION, decompress, decompress_codes, entropy, finger
 from vqvae.codec.api import latent_shape
 from vqvae.codec.container import Header, counts_fingerprint, seal
 from vqvae.data import to_uint8
+from vqvae.errors import CodecError
 from vqvae.priors import load_prior
 
 FIXTURES = Path(__file__).parent / "fixtures"
@@ -37,7 +38,8 @@ def load(name):
     counts = torch.from_numpy(np.load(FIXTURES / entry["counts"])) if entry["counts"] else None
     arrays = np.load(FIXTURES / f"{name}.npz")
     n = len(entry["shapes"])
-    return entry, data, prior, counts, [arrays[f"codes_{i}"] for i in range(n)], [arrays[f"pixels_{i}"] for i in range(n)]
+    codes, pixels = [arrays[f"codes_{i}"] for i in range(n)], [arrays[f"pixels_{i}"] for i in range(n)]
+    return entry, data, prior, counts, codes, pixels
 
 
 def recording(module, method):
@@ -64,7 +66,8 @@ def test_manifest_lists_every_file():
 def test_header_of_each_fixture(model, name):
     entry, data, prior, counts, _, _ = load(name)
     header = read_header(data)
-    assert header.version == 1 and header.coder == entry["coder"] and len(data) == entry["bytes"]
+    assert header.version == 1 and header.integer_model == 0
+    assert header.coder == entry["coder"] and len(data) == entry["bytes"]
     assert header.shapes == tuple(tuple(s) for s in entry["shapes"])
     assert header.labels == (None if entry["labels"] is None else tuple(entry["labels"]))
     assert header.model_fingerprint == fingerprint(model)
@@ -149,3 +152,25 @@ def test_range_fixture_probabilities_are_far_from_rounding(name):
             step_logits, state = prior.step(state, prev)
             assert torch.equal(step_logits, single.flatten(2)[:, :, t])
             prev = grids.flatten(1)[:, t]
+
+
+def test_version_1_files_need_their_float_prior(model):
+    _, data, prior, _, _, _ = load("range_labels")
+    from vqvae.integer_priors import IntegerPrior
+
+    iprior = IntegerPrior.from_prior(prior, torch.randint(0, 16, (64, 7, 7)), torch.randint(0, 3, (64,)))
+    for wrong, what in ((None, "None"), (iprior, "IntegerPixelCNNPrior")):
+        with pytest.raises(CodecError, match=f"version-1 .vqz file was range-coded with a float prior.*got {what}"):
+            decompress(model, wrong, data)
+    with pytest.raises(CodecError, match="another prior"):
+        decompress(model, load_prior(FIXTURES / "prior_bias"), data)
+
+
+def test_version_1_decoding_mismatch_is_an_error_not_a_wrong_image(model, monkeypatch):
+    # What a decoder on another machine could see: logits off by a few ulps (here 1e-6).
+    _, data, prior, _, _, _ = load("range_labels")
+    original = entropy.quantize_logits
+    g = torch.Generator().manual_seed(0)
+    monkeypatch.setattr(entropy, "quantize_logits", lambda x: original(x + 1e-6 * torch.randn(x.shape, generator=g)))
+    with pytest.raises(CodecError, match="do not account"):
+        decompress(model, prior, data)

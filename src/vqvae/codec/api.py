@@ -16,11 +16,12 @@ from torch import Tensor
 
 from ..autoencoders import VQVAE
 from ..errors import CodecError
+from ..integer_priors import FORMAT_IDS, IntegerPrior
 from ..nets import eval_mode
 from ..priors import Prior
 from . import entropy, huffman
-from .container import (CODERS, MAX_IMAGES, MAX_PIXELS, MAX_SIDE, CRC_BYTES, Header, counts_fingerprint,
-                        fingerprint, parse, seal)
+from .container import (CODERS, CRC_BYTES, MAX_IMAGES, MAX_INTEGER_MODEL, MAX_PIXELS, MAX_SIDE, VERSION, Header,
+                        counts_fingerprint, fingerprint, parse, seal)
 
 # ------------------------------------------------------------------------------------------------
 # The autoencoder
@@ -52,9 +53,16 @@ def _check_model(model: VQVAE) -> None:
         raise CodecError(f".vqz files hold images: the model must be 2-D (dims=2), got dims={model.cfg.dims}")
 
 
-def _check_prior(model: VQVAE, prior: Prior | None) -> None:
-    if not isinstance(prior, Prior):
-        raise CodecError("the range coder needs the prior (a TransformerPrior or PixelCNNPrior), got None")
+def _what(prior) -> str:
+    return "None" if prior is None else type(prior).__name__
+
+
+def _model_name(format_id: int) -> str:
+    known = FORMAT_IDS.get(format_id)
+    return f"integer model {format_id}" + (f", {known.__name__}" if known is not None else ", unknown to this vqvae")
+
+
+def _check_prior(model: VQVAE, prior: Prior | IntegerPrior) -> None:
     K = model.cfg.quantizer.codebook_size
     if prior.cfg.codebook_size != K:
         raise CodecError(f"the prior models {prior.cfg.codebook_size} codes but the model's codebook has {K}")
@@ -95,23 +103,51 @@ def _check_images(model: VQVAE, images: list[Tensor]) -> list[tuple[int, int, in
     return shapes
 
 
+def _check_range_prior(model: VQVAE, prior, header: Header) -> None:
+    """The prior a range-coded file needs: the float prior for version 1, the integer prior that the
+    header names for version 2."""
+    if header.version == 1:
+        if not isinstance(prior, Prior):
+            raise CodecError(f"this version-1 .vqz file was range-coded with a float prior: decompress it with "
+                             f"that prior (load_prior), got {_what(prior)}")
+    elif not isinstance(prior, IntegerPrior):
+        raise CodecError(f"this .vqz file was range-coded with an integer prior ({_model_name(header.integer_model)}):"
+                         f" decompress it with that integer prior (load_integer_prior), got {_what(prior)}")
+    elif prior.format_id != header.integer_model:
+        raise CodecError(f"this .vqz file was range-coded with {_model_name(header.integer_model)}, "
+                         f"the given prior is {_model_name(prior.format_id)}")
+    _check_prior(model, prior)
+
+
 # ------------------------------------------------------------------------------------------------
 # compress / decompress
 # ------------------------------------------------------------------------------------------------
 
 
+def _check_integer_prior(model: VQVAE, prior) -> None:
+    if isinstance(prior, Prior):
+        raise CodecError(f"new .vqz files are range-coded with an integer prior (IntegerPrior.from_prior), "
+                         f"whose frequencies are the same on every machine; got the float {type(prior).__name__}")
+    if not isinstance(prior, IntegerPrior):
+        raise CodecError(f"the range coder needs the integer prior (vqvae.integer_priors), got {_what(prior)}")
+    if not 1 <= prior.format_id <= MAX_INTEGER_MODEL:
+        raise CodecError(f"{type(prior).__name__} has format_id {prior.format_id}; .vqz headers hold 1..15")
+    _check_prior(model, prior)
+
+
 @torch.no_grad()
-def compress(model: VQVAE, prior: Prior | None, images: list[Tensor], coder: str = "range",
+def compress(model: VQVAE, prior: IntegerPrior | None, images: list[Tensor], coder: str = "range",
              code_counts: Tensor | None = None) -> tuple[bytes, dict]:
-    """Compress images into the bytes of one `.vqz` file.
+    """Compress images into the bytes of one `.vqz` file (format version 2).
 
     images: float (C, H, W) tensors in [0, 1], any sizes, C = model.cfg.in_channels; each is encoded on
-    its own (batch of one). coder "range" codes with `prior`; for a class-conditional prior each image
+    its own (batch of one). coder "range" codes with `prior`, an integer prior (`IntegerPrior`: the same
+    frequencies on every machine; a float prior is refused); for a class-conditional prior each image
     gets the class that gives it the fewest bits, stored in the file. coder "huffman" uses `code_counts`
     ((K,) training-set code frequencies; the prior may be None). Returns (data, stats) with stats: bytes,
     header_bytes, payload_bytes, crc_bytes, num_images, bits_per_image (whole file), cross_entropy_bits
-    (sum of -log2 p(code) under the exact integer probabilities the coder uses: the prior's quantized
-    ones, or the smoothed code counts), overhead (bytes - cross_entropy_bits / 8), payload_overhead (the
+    (sum of -log2 p(code) under the exact integer probabilities the coder uses: the integer prior's,
+    or the smoothed code counts), overhead (bytes - cross_entropy_bits / 8), payload_overhead (the
     same for the payload alone), coder, labels (list or None) and codes (list of (h, w) int64 code grids).
     """
     if coder not in CODERS:
@@ -119,7 +155,7 @@ def compress(model: VQVAE, prior: Prior | None, images: list[Tensor], coder: str
     _check_model(model)
     shapes = _check_images(model, images)
     if coder == "range":
-        _check_prior(model, prior)
+        _check_integer_prior(model, prior)
     else:
         counts = _check_counts(model, code_counts)
     with eval_mode(model, prior):
@@ -129,7 +165,7 @@ def compress(model: VQVAE, prior: Prior | None, images: list[Tensor], coder: str
         flat = np.concatenate([c.reshape(-1).numpy() for c in codes]).astype(np.int64)  # (N,)
         labels = None
         if coder == "range":
-            source = entropy.FloatPriorFrequencies(prior)
+            source = entropy.IntegerPriorFrequencies(prior)
             layout = entropy.make_layout([tuple(c.shape) for c in codes], source.hw)
             if prior.cfg.num_classes > 0:
                 labels = entropy.best_labels(source, layout, flat, len(images), prior.cfg.num_classes)
@@ -139,7 +175,8 @@ def compress(model: VQVAE, prior: Prior | None, images: list[Tensor], coder: str
             payload, bits = huffman.encode(counts, flat)
             second_fingerprint = counts_fingerprint(counts)
     header = Header(coder, fingerprint(model), second_fingerprint, tuple(shapes),
-                    None if labels is None else tuple(int(label) for label in labels))
+                    None if labels is None else tuple(int(label) for label in labels), VERSION,
+                    prior.format_id if coder == "range" else 0)
     data = seal(header, payload)
     stats = {
         "bytes": len(data),
@@ -159,7 +196,8 @@ def compress(model: VQVAE, prior: Prior | None, images: list[Tensor], coder: str
 
 
 @torch.no_grad()
-def decompress_codes(model: VQVAE, prior: Prior | None, data: bytes, code_counts: Tensor | None = None) -> list[Tensor]:
+def decompress_codes(model: VQVAE, prior: IntegerPrior | Prior | None, data: bytes,
+                     code_counts: Tensor | None = None) -> list[Tensor]:
     """The code grids of a `.vqz` file's images: (h, w) int64 on the CPU, what `compress` coded.
 
     Same arguments and checks as `decompress`, without running the autoencoder's decoder.
@@ -167,7 +205,7 @@ def decompress_codes(model: VQVAE, prior: Prior | None, data: bytes, code_counts
     return _decode_codes(model, prior, data, code_counts)[1]
 
 
-def _decode_codes(model: VQVAE, prior: Prior | None, data: bytes, code_counts) -> tuple[Header, list[Tensor]]:
+def _decode_codes(model: VQVAE, prior, data: bytes, code_counts) -> tuple[Header, list[Tensor]]:
     header, payload = parse(data)
     _check_model(model)
     if header.model_fingerprint != fingerprint(model):
@@ -179,7 +217,7 @@ def _decode_codes(model: VQVAE, prior: Prior | None, data: bytes, code_counts) -
     latent_shapes = [latent_shape(shape, model.cfg.downsample) for shape in header.shapes]
     with eval_mode(model, prior):
         if header.coder == "range":
-            _check_prior(model, prior)
+            _check_range_prior(model, prior, header)
             if header.prior_fingerprint != fingerprint(prior):
                 raise CodecError(f"this .vqz file was made with another prior (fingerprint "
                                  f"{header.prior_fingerprint.hex()}, the given prior's is {fingerprint(prior).hex()})")
@@ -188,7 +226,7 @@ def _decode_codes(model: VQVAE, prior: Prior | None, data: bytes, code_counts) -
                 raise CodecError(f"corrupted .vqz header: class labels {header.labels} do not fit a prior with "
                                  f"num_classes={num_classes}")
             labels = None if header.labels is None else np.array(header.labels, dtype=np.int64)
-            source = entropy.FloatPriorFrequencies(prior)
+            source = entropy.frequency_source(prior)
             flat = entropy.range_decode(source, entropy.make_layout(latent_shapes, source.hw), labels, payload)
         else:
             counts = _check_counts(model, code_counts)
@@ -203,12 +241,15 @@ def _decode_codes(model: VQVAE, prior: Prior | None, data: bytes, code_counts) -
 
 
 @torch.no_grad()
-def decompress(model: VQVAE, prior: Prior | None, data: bytes, code_counts: Tensor | None = None) -> list[Tensor]:
+def decompress(model: VQVAE, prior: IntegerPrior | Prior | None, data: bytes,
+               code_counts: Tensor | None = None) -> list[Tensor]:
     """The images of a `.vqz` file: (C, H, W) in [0, 1] at their original sizes, on the model's device.
 
     Each is decoded on its own (a batch of one), so a result never depends on the other images in the
-    file. `prior` is needed for range-coded files, `code_counts` for Huffman ones. Raises CodecError for
-    anything that is not an intact .vqz file made with this model and this prior (or these code counts).
+    file. Range-coded files need their prior: the integer prior (`IntegerPrior`) whose format_id
+    `read_header(data).integer_model` names for version 2, the float prior for version 1
+    (`read_header(data).version`); Huffman files need `code_counts`. Raises CodecError for anything that
+    is not an intact .vqz file made with this model and this prior (or these code counts).
     """
     header, grids = _decode_codes(model, prior, data, code_counts)
     with eval_mode(model):

@@ -21,12 +21,15 @@ from torch import nn
 from ..errors import CodecError
 
 MAGIC = b"VQZ"
-VERSION = 1  # the version `compress` writes
-VERSIONS = (1,)  # the versions `parse` reads
+VERSION = 2  # the version `compress` writes
+VERSIONS = (1, 2)  # the versions `parse` reads
 FINGERPRINT_BYTES = 2  # with the payload check, enough to refuse another model's file
 CRC_BYTES = 4
-CODERS = ("range", "huffman")  # version 1: the flags' low nibble is the index
-FLAG_UNIFORM, FLAG_LABELS, CODER_MASK = 0x10, 0x20, 0x0F  # flags byte: coder id in the low bits
+CODERS = ("range", "huffman")  # version 1: the flags' low nibble is the index into this
+# Flags byte. Low nibble, version 1: the coder (0 range, 1 Huffman); version 2: the entropy model,
+# 0 for the Huffman code, else the format_id of the integer prior that drove the range coder.
+FLAG_UNIFORM, FLAG_LABELS, MODEL_MASK = 0x10, 0x20, 0x0F
+MAX_INTEGER_MODEL = MODEL_MASK
 MAX_IMAGES, MAX_SIDE, MAX_PIXELS, MAX_LABEL = 1 << 20, 1 << 16, 1 << 28, 1 << 16
 MIN_FILE_BYTES = len(MAGIC) + 1 + 2 * FINGERPRINT_BYTES + 1 + 1 + 3 + CRC_BYTES  # empty payload: 17
 
@@ -38,7 +41,9 @@ class Header:
     coder: "range" or "huffman". model_fingerprint: `fingerprint(model)`. prior_fingerprint:
     `fingerprint(prior)` for the range coder, `counts_fingerprint(counts)` for Huffman.
     shapes: (C, H, W) of each image, in file order. labels: the class each image was coded with
-    (class-conditional priors), else None. version: the format version.
+    (class-conditional priors), else None. version: the format version (1: range coder driven by a
+    float prior; 2: by an integer prior). integer_model: for version-2 range-coded files the
+    `format_id` of the integer prior (1 integer transformer, 2 integer PixelCNN), else 0.
     header_bytes / payload_bytes: sizes in the file read (0 for a header built in memory).
     """
 
@@ -48,6 +53,7 @@ class Header:
     shapes: tuple[tuple[int, int, int], ...]
     labels: tuple[int, ...] | None = None
     version: int = VERSION
+    integer_model: int = 0
     header_bytes: int = field(default=0, compare=False)
     payload_bytes: int = field(default=0, compare=False)
 
@@ -60,8 +66,15 @@ class Header:
         assert self.coder in CODERS and self.shapes and self.version in VERSIONS, (self.coder, self.version)
         assert len(self.model_fingerprint) == len(self.prior_fingerprint) == FINGERPRINT_BYTES
         assert self.labels is None or len(self.labels) == len(self.shapes)
+        if self.version == 1:
+            assert self.integer_model == 0, self.integer_model
+            model = CODERS.index(self.coder)
+        else:
+            ranged = 1 <= self.integer_model <= MAX_INTEGER_MODEL
+            assert ranged if self.coder == "range" else self.integer_model == 0, (self.coder, self.integer_model)
+            model = self.integer_model
         uniform = len(set(self.shapes)) == 1
-        flags = CODERS.index(self.coder) | (FLAG_UNIFORM if uniform else 0)
+        flags = model | (FLAG_UNIFORM if uniform else 0)
         flags |= 0 if self.labels is None else FLAG_LABELS
         out = bytearray(MAGIC + bytes([self.version]) + self.model_fingerprint + self.prior_fingerprint)
         out.append(flags)
@@ -121,7 +134,7 @@ def _check_version(version: int) -> None:
     if version not in VERSIONS:
         newer = " (made by a newer vqvae: upgrade to read it)" if version > max(VERSIONS) else ""
         known = " and ".join(map(str, VERSIONS))
-        raise CodecError(f"unsupported .vqz version {version}{newer}; this vqvae reads version {known}")
+        raise CodecError(f"unsupported .vqz version {version}{newer}; this vqvae reads versions {known}")
 
 
 def parse(data: bytes) -> tuple[Header, bytes]:
@@ -147,8 +160,13 @@ def parse(data: bytes) -> tuple[Header, bytes]:
     model_fp = reader.take(FINGERPRINT_BYTES, "model fingerprint")
     prior_fp = reader.take(FINGERPRINT_BYTES, "prior fingerprint")
     flags = reader.take(1, "flags")[0]
-    if flags & ~(CODER_MASK | FLAG_UNIFORM | FLAG_LABELS) or (flags & CODER_MASK) >= len(CODERS):
+    model = flags & MODEL_MASK
+    if flags & ~(MODEL_MASK | FLAG_UNIFORM | FLAG_LABELS) or (version == 1 and model >= len(CODERS)):
         raise CodecError(f"corrupted .vqz header: unknown flags 0x{flags:02x}")
+    if version == 1:
+        coder, integer_model = CODERS[model], 0
+    else:
+        coder, integer_model = ("range", model) if model else ("huffman", 0)
     n = reader.varint("image count", 1, MAX_IMAGES)
     shapes = []
     for i in range(1 if flags & FLAG_UNIFORM else n):
@@ -159,7 +177,7 @@ def parse(data: bytes) -> tuple[Header, bytes]:
     if sum(math.prod(s) for s in shapes) > MAX_PIXELS:
         raise CodecError(f"corrupted .vqz header: more than {MAX_PIXELS} pixels in all")
     labels = tuple(reader.varint(f"image {i} label", 0, MAX_LABEL) for i in range(n)) if flags & FLAG_LABELS else None
-    header = Header(CODERS[flags & CODER_MASK], model_fp, prior_fp, tuple(shapes), labels, version,
+    header = Header(coder, model_fp, prior_fp, tuple(shapes), labels, version, integer_model,
                     header_bytes=reader.pos, payload_bytes=len(body) - reader.pos)
     return header, body[reader.pos :]
 

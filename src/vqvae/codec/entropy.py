@@ -10,10 +10,14 @@ S sequences in a file, N codes in a file (all images' latent grids, concatenated
 
 A range decoder recovers a code only if it sees *exactly* the integer frequencies the encoder used. The
 driver (`drive`) asks a frequency source for them position by position, on both sides identically, and
-does not care how the source computes them. `FloatPriorFrequencies` runs a float prior's `step` and
-turns its logits into integers with `quantize_logits`: the logits depend on the batch composition and
-on float rounding, so both sides must group sequences the same way (`CHUNK` consecutive sequences per
-batch, part of the format) and use the same kind of machine.
+does not care how the source computes them:
+- `IntegerPriorFrequencies` (format version 2): an integer prior's `step` computes them in exact integer
+  arithmetic, the same on every machine, whatever the batch.
+- `FloatPriorFrequencies` (version 1, read for compatibility): a float prior's `step` and
+  `quantize_logits`. The logits depend on the batch composition and on float rounding (thread count,
+  CPU, device), so both sides must group sequences the same way (`CHUNK` consecutive sequences per
+  batch, part of the format) and run on the same kind of machine with the same thread count.
+Both group sequences by `CHUNK`, which also bounds the memory a batch takes.
 
 Latent grids other than the prior's grid are cut into tiles of the prior's grid (raster order, each tile
 one sequence); positions of a tile that fall outside the latent grid (filler) are not coded: both sides
@@ -31,10 +35,13 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from .. import integer_priors
 from ..errors import CodecError
+from ..integer_priors import IntegerPrior
 from ..priors import Prior
 
 PRECISION = 24  # integer frequencies of a position sum to 2**24: constriction's range-coder precision
+assert integer_priors.PRECISION == PRECISION
 CHUNK = 128  # sequences per prior batch: part of the format, since a float prior's logits depend on it
 
 
@@ -90,6 +97,34 @@ class FloatPriorFrequencies:
         prev = None if prev is None else torch.from_numpy(prev).to(self.prior.device)
         logits, state = self.prior.step(state, prev)  # (B, K)
         return quantize_logits(logits), state
+
+
+class IntegerPriorFrequencies:
+    """Frequencies of an integer prior (`IntegerPrior.start` / `.step`), exact on every machine; checked
+    (shape, >= 1, rows summing to 2**PRECISION) before the coder trusts them."""
+
+    def __init__(self, prior: IntegerPrior):
+        self.prior, self.seq_len, self.hw = prior, prior.seq_len, prior.hw
+
+    def start(self, batch: int, cond: np.ndarray | None):
+        return self.prior.start(batch, None if cond is None else torch.as_tensor(cond, device=self.prior.device))
+
+    def step(self, state, prev: np.ndarray | None) -> tuple[np.ndarray, object]:
+        prev = None if prev is None else torch.from_numpy(prev).to(self.prior.device)
+        freqs, state = self.prior.step(state, prev)  # (B, K) int64
+        freqs = freqs.cpu().numpy()
+        K = self.prior.cfg.codebook_size
+        if (freqs.dtype != np.int64 or freqs.shape != (len(freqs), K) or (freqs < 1).any()
+                or (freqs.sum(axis=1) != 1 << PRECISION).any()):
+            raise CodecError(f"the integer prior produced invalid frequencies ({freqs.dtype} {freqs.shape}; "
+                             f"expected int64 (B, {K}), each >= 1, rows summing to 2**{PRECISION})")
+        return freqs, state
+
+
+def frequency_source(prior: Prior | IntegerPrior) -> FrequencySource:
+    """The source for a prior: integer priors give their frequencies, float priors go through
+    `quantize_logits`."""
+    return IntegerPriorFrequencies(prior) if isinstance(prior, IntegerPrior) else FloatPriorFrequencies(prior)
 
 
 # ------------------------------------------------------------------------------------------------
