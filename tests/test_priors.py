@@ -1,6 +1,7 @@
 """Tests for vqvae.priors: causality, normalisation, cache == full pass, sampling, training, save/load."""
 
 import itertools
+import json
 import math
 
 import pytest
@@ -61,6 +62,77 @@ def test_causality(arch, grid, num_classes):
             torch.testing.assert_close(out[:, : t + 1], base[:, : t + 1], atol=1e-5, rtol=0)
             if t + 1 < prior.seq_len:  # random init: the next position does see code t
                 assert (out[:, t + 1 :] - base[:, t + 1 :]).abs().max() > 1e-6
+
+
+def influence(prior):
+    """Brute force: seen[t, s] is True when changing code s changes the logits at position t.
+
+    float64 and a 1e-12 threshold, over 4 random grids, so that a weak but real path (the one tap at
+    the edge of the reach, or a ReLU of the head inactive for one grid) is not taken for no path.
+    """
+    prior = prior.double()
+    L, K, grid = prior.seq_len, prior.cfg.codebook_size, prior.cfg.grid
+    codes = torch.randint(0, K, (4, L), generator=torch.Generator().manual_seed(1))
+    seen = torch.zeros(L, L, dtype=torch.bool)
+    with torch.no_grad():
+        base = prior.logits(codes.view(4, *grid)).flatten(2)  # (B, K, L)
+        for s in range(L):
+            changed = codes.clone()
+            changed[:, s] = (changed[:, s] + 1) % K
+            seen[:, s] = (prior.logits(changed.view(4, *grid)).flatten(2) - base).abs().amax((0, 1)) > 1e-12
+    return seen
+
+
+def earlier(L):
+    return torch.ones(L, L, dtype=torch.bool).tril(-1)  # [t, s]: s < t
+
+
+@pytest.mark.parametrize("grid", [(12,), (3, 12), (7, 7)])
+def test_pixelcnn_every_earlier_code_reaches_every_later_one(grid):
+    torch.manual_seed(0)
+    prior = build_prior(PriorConfig(arch="pixelcnn", codebook_size=5, grid=grid, n_layer=4, n_embd=32)).eval()
+    assert torch.equal(influence(prior), earlier(prior.seq_len))  # all earlier codes, no later one
+
+
+@pytest.mark.parametrize("dilated,n_layer,grid", [
+    (False, 4, (12,)), (False, 2, (7, 7)), (False, 4, (5, 16)),
+    (True, 2, (12,)), (True, 3, (40,)), (True, 3, (4, 20)), (True, 1, (3, 6)),
+])
+def test_pixelcnn_reach_is_what_its_docstring_says(dilated, n_layer, grid):
+    """Position (i, j) sees (i, j-R..j-1) and rows i-R..i-1 within columns j-R+1..j+R-1, R = prior.reach."""
+    torch.manual_seed(0)
+    prior = build_prior(PriorConfig(arch="pixelcnn", codebook_size=5, grid=grid, n_layer=n_layer, n_embd=32,
+                                    dilated=dilated)).eval()
+    R, (H, W) = prior.reach, prior.hw
+    if not dilated:
+        assert prior.dilations == [1] * n_layer and R == n_layer + 3
+    expected = torch.zeros(H * W, H * W, dtype=torch.bool)
+    for (ti, tj), (si, sj) in itertools.product(itertools.product(range(H), range(W)), repeat=2):
+        expected[ti * W + tj, si * W + sj] = ((si == ti and 0 < tj - sj <= R)
+                                              or (0 < ti - si <= R and abs(tj - sj) <= R - 1))
+    assert torch.equal(influence(prior), expected)
+    if grid == (12,) and not dilated:  # the undilated 4-layer stack misses 10 of the 66 pairs
+        assert int((earlier(12) & ~expected).sum()) == 10
+
+
+def test_pixelcnn_config_without_dilated_loads_the_undilated_prior(tmp_path):
+    torch.manual_seed(0)
+    old = build_prior(PriorConfig(arch="pixelcnn", codebook_size=5, grid=(12,), num_classes=2, n_layer=4,
+                                  n_embd=16, dilated=False)).eval()
+    old.save_pretrained(tmp_path)
+    config = json.loads((tmp_path / "config.json").read_text())
+    del config["dilated"]  # as written before the field existed
+    (tmp_path / "config.json").write_text(json.dumps(config))
+    loaded = load_prior(tmp_path)
+    assert loaded.cfg.dilated is False and loaded.dilations == [1, 1, 1, 1] and loaded.reach == 7
+    codes, cond = random_codes(old, 3), torch.tensor([0, 1, 0])
+    with torch.no_grad():
+        assert torch.equal(loaded.logits(codes, cond), old.logits(codes, cond))
+    # a prior made now is dilated, and says so in its config
+    new = tiny("pixelcnn", grid=(12,))
+    new.save_pretrained(tmp_path / "new")
+    assert json.loads((tmp_path / "new" / "config.json").read_text())["dilated"] is True
+    assert load_prior(tmp_path / "new").dilations == new.dilations != [1, 1]
 
 
 @pytest.mark.parametrize("arch", ARCHS)

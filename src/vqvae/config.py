@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any
@@ -87,6 +88,10 @@ class PriorConfig:
 
     arch: "transformer" (decoder-only, causal attention) or "pixelcnn" (gated, masked convolutions).
     `num_classes` > 0 makes the prior class-conditional.
+    `dilated` (pixelcnn only): the gated layers after the first dilate their convolutions so that each
+    layer doubles how far back the prior sees, until every code sees all earlier codes of the grid;
+    False is the undilated stack, whose reach grows by one code per layer (7 codes along a row with 4
+    layers). A config saved without this field predates it and loads as False: that prior's architecture.
     """
 
     arch: str = "transformer"
@@ -97,16 +102,26 @@ class PriorConfig:
     n_head: int = 4
     n_embd: int = 128
     dropout: float = 0.0
+    dilated: bool = True
 
     def __post_init__(self) -> None:
         _check(self.arch in ("transformer", "pixelcnn"), "arch", "'transformer' or 'pixelcnn'", self.arch)
+        for name in ("codebook_size", "num_classes", "n_layer", "n_head", "n_embd"):
+            value = getattr(self, name)
+            _check(isinstance(value, numbers.Integral) and not isinstance(value, bool), name, "an integer", value)
+            object.__setattr__(self, name, int(value))  # plain ints: numpy's would not go to JSON
         _check(self.codebook_size >= 2, "codebook_size", "at least 2", self.codebook_size)
+        ok = isinstance(self.grid, (tuple, list)) and len(self.grid) in (1, 2) and all(
+            isinstance(g, numbers.Integral) and not isinstance(g, bool) and g >= 1 for g in self.grid)
+        _check(ok, "grid", "1 or 2 positive integer sizes, e.g. [7, 7] or [32]", self.grid)
         object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
-        _check(len(self.grid) in (1, 2) and all(g >= 1 for g in self.grid), "grid", "1 or 2 positive sizes", self.grid)
         _check(self.num_classes >= 0, "num_classes", ">= 0", self.num_classes)
         _check(self.n_layer >= 1, "n_layer", "at least 1", self.n_layer)
-        _check(self.n_head >= 1 and self.n_embd % self.n_head == 0, "n_embd", "a multiple of n_head", self.n_embd)
-        _check(0 <= self.dropout < 1, "dropout", "in [0, 1)", self.dropout)
+        _check(self.n_head >= 1, "n_head", "at least 1", self.n_head)
+        _check(self.n_embd >= 1 and self.n_embd % self.n_head == 0, "n_embd",
+               f"a positive multiple of n_head={self.n_head}", self.n_embd)
+        _check(isinstance(self.dropout, numbers.Real) and 0 <= self.dropout < 1, "dropout", "in [0, 1)", self.dropout)
+        _check(isinstance(self.dilated, bool), "dilated", "true or false", self.dilated)
 
 
 @dataclass(frozen=True)
@@ -152,8 +167,8 @@ def from_dict(cls: type, data: dict) -> Any:
     kwargs = dict(data)
     if cls is ModelConfig and "quantizer" in kwargs:
         kwargs["quantizer"] = from_dict(QuantizerConfig, kwargs["quantizer"])
-    if cls is PriorConfig and "grid" in kwargs:
-        kwargs["grid"] = tuple(kwargs["grid"])
+    if cls is PriorConfig:  # saved before `dilated` existed: the undilated PixelCNN it was trained as
+        kwargs.setdefault("dilated", False)
     try:
         return cls(**kwargs)
     except TypeError as e:

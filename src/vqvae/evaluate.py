@@ -56,7 +56,7 @@ def evaluate_autoencoder(model, images: torch.Tensor, batch_size: int = 250) -> 
         "psnr": float(torch.cat(psnrs).mean()),
         "ssim": float(torch.cat(ssims).mean()),
         "mse": float(torch.cat(mses).mean()),
-        "perplexity": perplexity(counts),
+        "perplexity": float(perplexity(counts)),
         "codes_used": codes_used(counts),
         "images": int(images.shape[0]),
     }

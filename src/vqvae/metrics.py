@@ -17,34 +17,58 @@ def psnr(x: torch.Tensor, y: torch.Tensor) -> torch.Tensor:
     return 10 * torch.log10(1.0 / mse.clamp_min(1e-10))
 
 
-def _gaussian_window(size: int, sigma: float, dtype, device) -> torch.Tensor:
-    coords = torch.arange(size, dtype=dtype, device=device) - (size - 1) / 2
-    g = torch.exp(-coords**2 / (2 * sigma**2))
+SSIM_TRUNCATE = 3.5  # scikit-image's Gaussian truncation: radius int(3.5 * 1.5 + 0.5) = 5, an 11-tap window
+
+
+def _gaussian_taps(sigma: float, dtype: torch.dtype, device: torch.device) -> torch.Tensor:
+    """scipy.ndimage.gaussian_filter's normalised 1-D Gaussian, truncate 3.5: (2r+1,), r = int(3.5 sigma + 0.5)."""
+    radius = int(SSIM_TRUNCATE * sigma + 0.5)
+    offsets = torch.arange(-radius, radius + 1, dtype=dtype, device=device)
+    g = torch.exp(-0.5 * (offsets / sigma) ** 2)
     return g / g.sum()
 
 
-def ssim(x: torch.Tensor, y: torch.Tensor, window: int = 7, sigma: float = 1.5) -> torch.Tensor:
-    """Structural similarity per image (B,) with a Gaussian window (Wang et al. 2004), data range 1.
+def _symmetric_index(n: int, radius: int, device: torch.device) -> torch.Tensor:
+    """Indices that extend 0..n-1 by `radius` on both sides by half-sample reflection (d c b a | a b c d | d c b a),
+    repeated when radius > n: scipy.ndimage's mode 'reflect'. (2*radius + n,) int64."""
+    i = torch.arange(-radius, n + radius, device=device) % (2 * n)
+    return torch.where(i < n, i, 2 * n - 1 - i)
 
-    The window shrinks to the image size for tiny images; the mean runs over valid positions only
-    (no padding), as `skimage.metrics.structural_similarity(gaussian_weights=True)` does.
+
+def ssim(x: torch.Tensor, y: torch.Tensor, sigma: float = 1.5) -> torch.Tensor:
+    """Structural similarity per image (B,) of images (B, C, H, W), data range 1 (both clamped to [0, 1]).
+
+    The standard definition (Wang et al. 2004): Gaussian-weighted local means, variances and covariance
+    (population, not sample, covariance), sigma 1.5 truncated at 3.5 sigma (an 11x11 window), K1 = 0.01,
+    K2 = 0.03; the SSIM map is averaged over the positions at least (w-1)/2 from every border, w = 11, and
+    over channels. This is `skimage.metrics.structural_similarity(x, y, gaussian_weights=True, sigma=1.5,
+    use_sample_covariance=False, data_range=1.0, channel_axis=0)` per image.
+    Images smaller than the window (e.g. 8x8 digits) are not refused: w becomes the largest odd size
+    <= min(H, W), the same Gaussian filters the image extended by half-sample reflection, and the result
+    equals scikit-image's with `win_size=w` (which alone would raise for the default window).
+    Computed in float64 (float32 on MPS, which lacks float64); returned as float32.
     """
-    x, y = x.clamp(0, 1).double(), y.clamp(0, 1).double()
+    if x.shape != y.shape or x.dim() != 4:
+        raise ValueError(f"ssim takes two image batches of the same shape (B, C, H, W), got {tuple(x.shape)} "
+                         f"and {tuple(y.shape)}")
+    dtype = torch.float32 if x.device.type == "mps" else torch.float64
+    x, y = x.clamp(0, 1).to(dtype), y.clamp(0, 1).to(dtype)
     B, C, H, W = x.shape
-    window = min(window, H, W)
-    g = _gaussian_window(window, sigma, x.dtype, x.device)
-    kernel = (g[:, None] * g[None, :]).expand(C, 1, window, window)
+    g = _gaussian_taps(sigma, dtype, x.device)
+    r = (len(g) - 1) // 2
+    side = min(H, W)
+    window = min(2 * r + 1, side if side % 2 else side - 1)  # w: odd, at most the image
+    crop = (window - 1) // 2
 
-    def blur(t: torch.Tensor) -> torch.Tensor:
-        return F.conv2d(t, kernel, groups=C)
+    stats = torch.cat([x, y, x * x, y * y, x * y], dim=1)  # (B, 5C, H, W)
+    stats = stats[:, :, _symmetric_index(H, r, x.device)][..., _symmetric_index(W, r, x.device)]
+    stats = F.conv2d(stats, g.view(1, 1, -1, 1).expand(5 * C, 1, -1, 1), groups=5 * C)  # separable Gaussian:
+    stats = F.conv2d(stats, g.view(1, 1, 1, -1).expand(5 * C, 1, 1, -1), groups=5 * C)  # (B, 5C, H, W)
+    stats = stats[:, :, crop:H - crop, crop:W - crop]
+    mu_x, mu_y, xx, yy, xy = stats.chunk(5, dim=1)  # each (B, C, H', W')
+    var_x, var_y, cov = xx - mu_x**2, yy - mu_y**2, xy - mu_x * mu_y
 
     c1, c2 = 0.01**2, 0.03**2
-    mu_x, mu_y = blur(x), blur(y)
-    n = window * window
-    unbias = n / (n - 1) if n > 1 else 1.0  # sample covariance, as skimage
-    var_x = (blur(x * x) - mu_x**2) * unbias
-    var_y = (blur(y * y) - mu_y**2) * unbias
-    cov = (blur(x * y) - mu_x * mu_y) * unbias
     s = ((2 * mu_x * mu_y + c1) * (2 * cov + c2)) / ((mu_x**2 + mu_y**2 + c1) * (var_x + var_y + c2))
     return s.flatten(1).mean(1).float()
 
@@ -54,11 +78,11 @@ def code_histogram(codes: torch.Tensor, codebook_size: int) -> torch.Tensor:
     return torch.bincount(codes.reshape(-1), minlength=codebook_size)
 
 
-def perplexity(counts: torch.Tensor) -> float:
-    """exp(entropy) of the empirical code distribution: the effective number of codes in use."""
+def perplexity(counts: torch.Tensor) -> torch.Tensor:
+    """exp(entropy) of the empirical code distribution of (K,) counts: the effective number of codes in
+    use, a 0-d float64 tensor on the counts' device (no host sync: the quantizer reports it every step)."""
     p = counts.double() / counts.sum().clamp_min(1)
-    entropy = -(p * torch.log(p.clamp_min(1e-30))).sum()
-    return float(torch.exp(entropy))
+    return torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum())
 
 
 def codes_used(counts: torch.Tensor) -> float:
@@ -67,22 +91,28 @@ def codes_used(counts: torch.Tensor) -> float:
 
 
 def discretized_gaussian_nll_bits(x: torch.Tensor, mean: torch.Tensor, log_scale: float | torch.Tensor) -> torch.Tensor:
-    """-log2 P(x | mean, scale) per image (B,) for 8-bit pixels x = k/255, k in 0..255.
+    """-log2 P(x | mean, scale) per image (B,) for 8-bit pixels x = k/255, k in 0..255 (x is clamped to [0, 1]
+    and rounded to the nearest k/255); mean any real (B, ...) of x's shape, scale = exp(log_scale).
 
-    P(k) = Phi((k + 1/2)/255 - mean) / scale) - Phi((k - 1/2)/255 - mean) / scale), with the first and
-    last bins extended to -inf and +inf so that the 256 probabilities sum to 1 (PixelCNN++ style).
+    P(k) = Phi(((k + 1/2)/255 - mean) / scale) - Phi(((k - 1/2)/255 - mean) / scale), with the first bin's
+    lower edge at -inf and the last bin's upper edge at +inf, so the 256 probabilities sum to 1 for every
+    mean and scale (PixelCNN++ style). Computed in float64 from log Phi, on the side of the mean where the
+    bin lies, so that bins far in either tail keep their exact (tiny) probability instead of rounding to 0.
     """
-    x = (x.double() * 255).round() / 255
-    mean, scale = mean.double(), torch.as_tensor(log_scale, dtype=torch.float64).exp()
-    half = 0.5 / 255
-    normal = torch.distributions.Normal(torch.zeros((), dtype=torch.float64), torch.ones((), dtype=torch.float64))
-    upper = torch.where(x >= 1 - 1e-9, torch.ones_like(x), normal.cdf((x + half - mean) / scale))
-    lower = torch.where(x <= 1e-9, torch.zeros_like(x), normal.cdf((x - half - mean) / scale))
-    # log of a difference of CDFs: far in a tail both round to 1 (or 0); use the mirrored tail there.
-    mirrored_upper = normal.cdf(-(x - half - mean) / scale)
-    mirrored_lower = torch.where(x >= 1 - 1e-9, torch.zeros_like(x), normal.cdf(-(x + half - mean) / scale))
-    p = torch.where((x - mean) > 0, mirrored_upper - mirrored_lower, upper - lower)
-    return -torch.log2(p.clamp_min(1e-300)).flatten(1).sum(1)
+    k = (x.double().clamp(0, 1) * 255).round()
+    mean, scale = mean.double(), torch.as_tensor(log_scale, dtype=torch.float64, device=k.device).exp()
+    inf = torch.full_like(k, math.inf)
+    lo = torch.where(k == 0, -inf, ((k - 0.5) / 255 - mean) / scale)  # standardised bin edges
+    hi = torch.where(k == 255, inf, ((k + 0.5) / 255 - mean) / scale)
+
+    def log_mass(a: torch.Tensor, b: torch.Tensor) -> torch.Tensor:
+        """log(Phi(b) - Phi(a)) for a < b, accurate where Phi(b) is small (the bin below the mean)."""
+        log_b = torch.special.log_ndtr(b)
+        return log_b + torch.log(-torch.expm1(torch.special.log_ndtr(a) - log_b))
+
+    # above the mean, Phi(b) - Phi(a) = Phi(-a) - Phi(-b): mirror the bin into the lower tail
+    log_p = torch.where(k / 255 > mean, log_mass(-hi, -lo), log_mass(lo, hi))
+    return -(log_p / math.log(2)).flatten(1).sum(1)
 
 
 def fit_log_scale(x: torch.Tensor, mean: torch.Tensor, steps: int = 60) -> float:

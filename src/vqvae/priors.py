@@ -367,18 +367,19 @@ def _gate(x: Tensor, cond_bias: Tensor | float) -> Tensor:
 class GatedLayer(nn.Module):
     """One gated layer with a vertical stack (rows above) and a horizontal stack (left in the row).
 
-    Causality comes from padding, not weight masks: the vertical conv (k//2+1, k) at row i reads rows
-    i-k//2..i of its input and the horizontal conv (1, k//2+1) at (i, j) reads columns j-k//2..j. The
-    model shifts the first layer's inputs down by one row / right by one column, so vertical features
-    at row i depend only on rows < i and horizontal ones only on (rows < i) + (row i, columns < j):
-    no blind spot, and the vertical -> horizontal link needs no extra shift.
+    Causality comes from padding, not weight masks: with p = kernel//2 and dilation d, the vertical conv
+    (p+1, k) at row i reads rows i-p*d..i of its input (every d-th) and the horizontal conv (1, p+1) at
+    (i, j) reads columns j-p*d..j. The model shifts the first layer's inputs down by one row / right by
+    one column, so vertical features at row i depend only on rows < i and horizontal ones only on
+    (rows < i) + (row i, columns < j): no blind spot, and the vertical -> horizontal link needs no extra
+    shift.
     """
 
-    def __init__(self, channels: int, kernel: int, num_classes: int):
+    def __init__(self, channels: int, kernel: int, num_classes: int, dilation: int = 1):
         super().__init__()
-        self.pad = kernel // 2
-        self.v_conv = nn.Conv2d(channels, 2 * channels, (self.pad + 1, kernel))
-        self.h_conv = nn.Conv2d(channels, 2 * channels, (1, self.pad + 1))
+        self.pad = kernel // 2 * dilation
+        self.v_conv = nn.Conv2d(channels, 2 * channels, (kernel // 2 + 1, kernel), dilation=dilation)
+        self.h_conv = nn.Conv2d(channels, 2 * channels, (1, kernel // 2 + 1), dilation=dilation)
         self.v_to_h = nn.Conv2d(2 * channels, 2 * channels, 1)
         self.h_out = nn.Conv2d(channels, channels, 1)
         # class conditioning: a learned bias per class inside both gates (the paper's V^T h)
@@ -395,18 +396,42 @@ class GatedLayer(nn.Module):
         return out_v, out_h
 
 
+def pixelcnn_dilations(cfg: PriorConfig) -> tuple[list[int], int]:
+    """The dilation of each gated layer (a list of n_layer ints) and the reach R of the stack.
+
+    Position (i, j) sees the codes (i, j-R..j-1) of its row and those of rows i-R..i-1 within columns
+    j-R+1..j+R-1; so it sees every earlier code of an H x W grid when R >= max(H - 1, W).
+    The first layer (kernel 7) has R = 4. A layer of kernel k and dilation d adds d * (k//2) to R; its
+    taps stay gap-free while d <= R, so a dilated stack takes d = min(R, what is still missing): R
+    doubles per layer until it covers the grid, then the layers go on undilated.
+    """
+    H, W = (1, cfg.grid[0]) if len(cfg.grid) == 1 else cfg.grid
+    needed = max(H - 1, W)
+    reach, dilations = FIRST_KERNEL // 2 + 1, [1]
+    for _ in range(cfg.n_layer - 1):
+        missing = -(-(needed - reach) // (KERNEL // 2))  # ceil: dilation that closes the gap in one layer
+        d = max(1, min(reach, missing)) if cfg.dilated else 1
+        dilations.append(d)
+        reach += d * (KERNEL // 2)
+    return dilations, reach
+
+
 class PixelCNNPrior(Prior):
     """Gated PixelCNN over code embeddings: n_layer gated layers of n_embd channels, then a
     ReLU-1x1-ReLU-1x1 head to K logits. 1-D grids of T codes run as a (1, T) image, where the vertical
     stack sees nothing and the horizontal stack is a causal 1-D conv net. n_head is unused.
+    With `cfg.dilated` the layers' dilations (`pixelcnn_dilations`) let every code see all earlier
+    codes once 4 * 2^(n_layer-1) >= max(H - 1, W); undilated, once n_layer + 3 >= max(H - 1, W).
     """
 
     def __init__(self, cfg: PriorConfig):
         super().__init__(cfg)
         C = cfg.n_embd
+        self.dilations, self.reach = pixelcnn_dilations(cfg)
         self.tok_emb = nn.Embedding(cfg.codebook_size, C)
         self.layers = nn.ModuleList(
-            GatedLayer(C, FIRST_KERNEL if i == 0 else KERNEL, cfg.num_classes) for i in range(cfg.n_layer))
+            GatedLayer(C, FIRST_KERNEL if i == 0 else KERNEL, cfg.num_classes, dilation)
+            for i, dilation in enumerate(self.dilations))
         self.head = nn.Sequential(nn.ReLU(), nn.Conv2d(C, C, 1), nn.ReLU(), nn.Conv2d(C, cfg.codebook_size, 1))
 
     def _logits_hw(self, codes: Tensor, cond: Tensor | None) -> Tensor:

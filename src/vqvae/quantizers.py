@@ -34,6 +34,7 @@ import torch.distributed as dist
 from torch import nn
 
 from .config import QuantizerConfig
+from .metrics import perplexity
 from .nearest import kmeans, nearest_columns, quantize, scatter_sum
 
 SUPPORTED_DTYPES = (torch.float32, torch.float64)  # of the codebook, hence of the arithmetic
@@ -118,9 +119,8 @@ class VectorQuantizer(nn.Module):
         if self.channels_last:
             z_q = z_q.movedim(1, -1)  # (B, *S, D)
         codes = codes.view(B, *spatial)
-        p = counts.double() / codes.numel()
         stats = {
-            "perplexity": torch.exp(-(p * torch.log(p.clamp_min(1e-30))).sum()).float(),
+            "perplexity": perplexity(counts).float(),
             "usage": (counts > 0).float().mean(),
             "commitment": commitment.detach(),
         }

@@ -213,10 +213,10 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
     if data.channels != model_cfg.in_channels:
         model_cfg = replace(model_cfg, in_channels=data.channels)
     if device.type == "cpu":  # the quantizer's C++ kernel: compiled on first use (~30 s), then cached
-        from .quantizers import _load_kernel
+        from .nearest import build_kernel
 
         with (console or Console(stderr=True)).status("building the quantizer's CPU kernel (first use only)"):
-            _load_kernel()
+            build_kernel()
     model = VQVAE(model_cfg).to(device)
     extra = {"train": to_dict(train_cfg),
              "data": {"uri": data.uri, "channels": data.channels, "image_size": list(data.image_size),

@@ -1,0 +1,164 @@
+"""Tests for vqvae.config: validation messages, JSON round trips, refusal of unknown keys, old files."""
+
+import dataclasses
+import json
+import re
+
+import numpy as np
+import pytest
+
+from vqvae.config import ModelConfig, PriorConfig, QuantizerConfig, TrainConfig, from_dict, to_dict, write_json
+from vqvae.errors import ConfigError
+
+CONFIGS = [QuantizerConfig, ModelConfig, PriorConfig, TrainConfig]
+
+# (config, bad keyword arguments, the field the message names, the allowed range it states)
+BAD = [
+    (QuantizerConfig, {"codebook_size": 1}, "codebook_size", "at least 2"),
+    (QuantizerConfig, {"codebook_size": 65537}, "codebook_size", "at most 65536"),
+    (QuantizerConfig, {"code_dim": 0}, "code_dim", "at least 1"),
+    (QuantizerConfig, {"commitment_weight": -0.1}, "commitment_weight", ">= 0"),
+    (QuantizerConfig, {"kind": "gumbel"}, "quantizer kind", "'vq' or 'ema'"),
+    (QuantizerConfig, {"ema_decay": 1.0}, "ema_decay", "in (0, 1)"),
+    (QuantizerConfig, {"ema_decay": 0.0}, "ema_decay", "in (0, 1)"),
+    (QuantizerConfig, {"ema_eps": 0.0}, "ema_eps", "> 0"),
+    (QuantizerConfig, {"kmeans_iters": -1}, "kmeans_iters", ">= 0"),
+    (QuantizerConfig, {"dead_code_steps": -1}, "dead_code_steps", ">= 0 (0 disables)"),
+    (ModelConfig, {"in_channels": 0}, "in_channels", "at least 1"),
+    (ModelConfig, {"hidden": 0}, "hidden", "at least 1"),
+    (ModelConfig, {"res_hidden": 0}, "res_hidden", "at least 1"),
+    (ModelConfig, {"res_blocks": -1}, "res_blocks", ">= 0"),
+    (ModelConfig, {"downsample": 3}, "downsample", "a power of 2 (1, 2, 4, 8, ...)"),
+    (ModelConfig, {"downsample": 0}, "downsample", "a power of 2 (1, 2, 4, 8, ...)"),
+    (ModelConfig, {"dims": 3}, "dims", "1 (sequences) or 2 (images)"),
+    (ModelConfig, {"encoder_kernel": 2}, "encoder_kernel", "1, 3 or 5"),
+    (PriorConfig, {"arch": "lstm"}, "arch", "'transformer' or 'pixelcnn'"),
+    (PriorConfig, {"codebook_size": 1}, "codebook_size", "at least 2"),
+    (PriorConfig, {"codebook_size": 512.0}, "codebook_size", "an integer"),
+    (PriorConfig, {"grid": (7, 7, 7)}, "grid", "1 or 2 positive integer sizes, e.g. [7, 7] or [32]"),
+    (PriorConfig, {"grid": (0, 7)}, "grid", "1 or 2 positive integer sizes, e.g. [7, 7] or [32]"),
+    (PriorConfig, {"grid": 7}, "grid", "1 or 2 positive integer sizes, e.g. [7, 7] or [32]"),
+    (PriorConfig, {"grid": "77"}, "grid", "1 or 2 positive integer sizes, e.g. [7, 7] or [32]"),
+    (PriorConfig, {"grid": (7.5, 7)}, "grid", "1 or 2 positive integer sizes, e.g. [7, 7] or [32]"),
+    (PriorConfig, {"num_classes": -1}, "num_classes", ">= 0"),
+    (PriorConfig, {"n_layer": 0}, "n_layer", "at least 1"),
+    (PriorConfig, {"n_head": 0}, "n_head", "at least 1"),
+    (PriorConfig, {"n_embd": 130}, "n_embd", "a positive multiple of n_head=4"),
+    (PriorConfig, {"n_embd": 0}, "n_embd", "a positive multiple of n_head=4"),
+    (PriorConfig, {"dropout": 1.0}, "dropout", "in [0, 1)"),
+    (PriorConfig, {"dropout": "0.1"}, "dropout", "in [0, 1)"),
+    (PriorConfig, {"dilated": 1}, "dilated", "true or false"),
+    (TrainConfig, {"steps": 0}, "steps", "at least 1"),
+    (TrainConfig, {"max_seconds": -1.0}, "max_seconds", ">= 0 (0: no limit)"),
+    (TrainConfig, {"batch_size": 0}, "batch_size", "at least 1"),
+    (TrainConfig, {"lr": 0.0}, "lr", "> 0"),
+    (TrainConfig, {"lr_min_ratio": 1.5}, "lr_min_ratio", "in [0, 1]"),
+    (TrainConfig, {"warmup_steps": -1}, "warmup_steps", ">= 0"),
+    (TrainConfig, {"log_every": 0}, "log_every", "at least 1"),
+    (TrainConfig, {"checkpoint_every": 0}, "checkpoint_every", "at least 1"),
+]
+
+
+@pytest.mark.parametrize("cls,kwargs,name,allowed", BAD, ids=[f"{c.__name__}-{list(k)[0]}" for c, k, _, _ in BAD])
+def test_validation_message_names_the_field_and_the_allowed_range(cls, kwargs, name, allowed):
+    (key, value), = kwargs.items()
+    expected = f"{name} must be {allowed}, got {value!r}"
+    with pytest.raises(ConfigError) as error:
+        cls(**kwargs)
+    assert str(error.value) == expected
+    # the same message through from_dict, as when a config.json is read
+    json_value = list(value) if isinstance(value, tuple) else value
+    data = {**to_dict(cls()), key: json_value}
+    if cls is ModelConfig:
+        data["quantizer"] = to_dict(QuantizerConfig())
+    with pytest.raises(ConfigError) as error:
+        from_dict(cls, data)
+    assert str(error.value) == f"{name} must be {allowed}, got {json_value!r}"
+
+
+def test_every_field_has_a_check():
+    """Guard for this table: each numeric or string field of each config appears in BAD (or is free)."""
+    free = {"kmeans_init", "seed", "data", "device", "quantizer"}  # not range-checked here
+    checked = {(cls, list(kwargs)[0]) for cls, kwargs, _, _ in BAD}
+    for cls in CONFIGS:
+        for f in dataclasses.fields(cls):
+            assert (cls, f.name) in checked or f.name in free, f"{cls.__name__}.{f.name} has no case in BAD"
+
+
+@pytest.mark.parametrize("cls,kwargs", [
+    (QuantizerConfig, {"codebook_size": 2}), (QuantizerConfig, {"codebook_size": 65536}),
+    (QuantizerConfig, {"commitment_weight": 0.0, "kmeans_iters": 0, "dead_code_steps": 0}),
+    (ModelConfig, {"downsample": 1, "res_blocks": 0}), (ModelConfig, {"downsample": 8, "dims": 1}),
+    (PriorConfig, {"grid": (1,), "codebook_size": 2, "n_head": 1, "n_embd": 1}),
+    (PriorConfig, {"dropout": 0.0, "num_classes": 0, "dilated": False}),
+    (TrainConfig, {"lr_min_ratio": 0.0, "warmup_steps": 0, "max_seconds": 0.0}), (TrainConfig, {"lr_min_ratio": 1.0}),
+])
+def test_boundary_values_are_accepted(cls, kwargs):
+    cfg = cls(**kwargs)
+    assert all(getattr(cfg, k) == v for k, v in kwargs.items())
+
+
+NON_DEFAULT = [
+    QuantizerConfig(codebook_size=64, code_dim=8, commitment_weight=0.5, kind="vq", ema_decay=0.9, ema_eps=1e-3,
+                    kmeans_init=False, kmeans_iters=3, dead_code_steps=0),
+    ModelConfig(in_channels=3, hidden=32, res_hidden=16, res_blocks=1, downsample=8, dims=1, encoder_kernel=3,
+                quantizer=QuantizerConfig(codebook_size=16, kind="vq")),
+    PriorConfig(arch="pixelcnn", codebook_size=16, grid=(32,), num_classes=10, n_layer=2, n_head=1, n_embd=8,
+                dropout=0.1, dilated=False),
+    PriorConfig(grid=(4, 6), dilated=True),
+    TrainConfig(data="digits", steps=5, max_seconds=1.5, batch_size=4, lr=1e-3, lr_min_ratio=0.5, warmup_steps=2,
+                seed=3, log_every=2, checkpoint_every=3, device="cpu"),
+]
+
+
+@pytest.mark.parametrize("cfg", [cls() for cls in CONFIGS] + NON_DEFAULT, ids=lambda c: type(c).__name__)
+def test_round_trip_through_json(cfg, tmp_path):
+    data = to_dict(cfg)
+    assert isinstance(data, dict) and json.loads(json.dumps(data)) == data  # plain JSON values only
+    assert from_dict(type(cfg), data) == cfg
+    write_json(tmp_path / "config.json", data)
+    assert from_dict(type(cfg), json.loads((tmp_path / "config.json").read_text())) == cfg
+    assert not list(tmp_path.glob("*.tmp"))
+
+
+def test_numpy_sizes_become_plain_ints():
+    cfg = PriorConfig(grid=tuple(np.zeros((2, 7, 5)).shape[1:]), codebook_size=np.int64(64), n_embd=np.int32(16))
+    assert type(cfg.codebook_size) is int and type(cfg.n_embd) is int and all(type(g) is int for g in cfg.grid)
+    assert json.loads(json.dumps(to_dict(cfg)))["codebook_size"] == 64
+
+
+@pytest.mark.parametrize("cls", CONFIGS)
+def test_unknown_keys_are_refused_and_named(cls):
+    data = {**to_dict(cls()), "colour": "blue"}
+    with pytest.raises(ConfigError, match=re.escape(f"unknown {cls.__name__} field(s) ['colour']; allowed: ")):
+        from_dict(cls, data)
+
+
+def test_unknown_key_in_the_nested_quantizer_is_refused():
+    data = to_dict(ModelConfig())
+    data["quantizer"]["beta"] = 0.25
+    with pytest.raises(ConfigError, match=re.escape("unknown QuantizerConfig field(s) ['beta']")):
+        from_dict(ModelConfig, data)
+
+
+def test_not_an_object_and_wrong_types_are_config_errors():
+    with pytest.raises(ConfigError, match="PriorConfig must be a JSON object, got list"):
+        from_dict(PriorConfig, [1, 2])
+    with pytest.raises(ConfigError, match="QuantizerConfig"):
+        from_dict(QuantizerConfig, {"codebook_size": "512"})  # "512" >= 2 is a TypeError inside
+
+
+def test_missing_fields_take_their_defaults():
+    assert from_dict(QuantizerConfig, {}) == QuantizerConfig()
+    assert from_dict(ModelConfig, {"hidden": 8}) == ModelConfig(hidden=8)
+    assert from_dict(TrainConfig, {"steps": 3}) == TrainConfig(steps=3)
+
+
+def test_prior_config_without_dilated_is_an_old_file_and_loads_undilated():
+    """Priors saved before `dilated` existed were undilated PixelCNNs: their config must rebuild that."""
+    old = {"arch": "pixelcnn", "codebook_size": 512, "grid": [7, 7], "num_classes": 10, "n_layer": 4,
+           "n_head": 4, "n_embd": 64, "dropout": 0.0}
+    assert from_dict(PriorConfig, old).dilated is False
+    assert from_dict(PriorConfig, {**old, "dilated": True}).dilated is True
+    assert PriorConfig().dilated is True  # a prior made now is dilated
+    assert from_dict(PriorConfig, old).grid == (7, 7)  # JSON lists come back as tuples
