@@ -202,6 +202,22 @@ def test_conditional_label_is_the_cheapest_class(model):
     assert read_header(compress(model, prior, images)[0]).labels == tuple(stats["labels"])
 
 
+def test_given_labels_are_stored_and_checked(model, prior):
+    conditional = tiny_iprior(num_classes=3)
+    images = blobs(4, seed=9)
+    data, stats = compress(model, conditional, images, labels=[2, 0, 1, 2])
+    assert stats["labels"] == [2, 0, 1, 2] and read_header(data).labels == (2, 0, 1, 2)
+    assert_round_trip(model, images, decompress(model, conditional, data), stats)
+    for bad, match in (([0, 1, 2], r"4 integers in 0..2.*\(3,\)"), ([0, 1, 2, 3], "in 0..3"),
+                       (np.zeros(4), "float64")):
+        with pytest.raises(CodecError, match=match):
+            compress(model, conditional, images, labels=bad)
+    with pytest.raises(CodecError, match="only for a class-conditional prior"):
+        compress(model, prior, images, labels=[0, 0, 0, 0])
+    with pytest.raises(CodecError, match="only for a class-conditional prior"):
+        compress(model, None, images, coder="huffman", code_counts=torch.arange(K), labels=[0, 0, 0, 0])
+
+
 def test_compress_restores_modes_and_leaves_weights_alone(model):
     m, p = copy.deepcopy(model).train(), tiny_iprior().train()
     before = fingerprint(m)

@@ -135,15 +135,32 @@ def _check_integer_prior(model: VQVAE, prior) -> None:
     _check_prior(model, prior)
 
 
+def _check_labels(labels, prior, coder: str, n: int) -> np.ndarray | None:
+    """Given labels -> (N,) int64; only for a class-conditional prior's range coder."""
+    if labels is None:
+        return None
+    num_classes = prior.cfg.num_classes if coder == "range" and prior is not None else 0
+    if num_classes == 0:
+        raise CodecError("labels are stored only for a class-conditional prior's range coder; pass labels=None")
+    array = np.asarray(labels)
+    ok = array.shape == (n,) and np.issubdtype(array.dtype, np.integer)
+    if not ok or not ((0 <= array) & (array < num_classes)).all():
+        values = f" in {array.min()}..{array.max()}" if ok else ""
+        raise CodecError(f"labels must be {n} integers in 0..{num_classes - 1} (one per image), "
+                         f"got {array.dtype} {array.shape}{values}")
+    return array.astype(np.int64)
+
+
 @torch.no_grad()
 def compress(model: VQVAE, prior: IntegerPrior | None, images: list[Tensor], coder: str = "range",
-             code_counts: Tensor | None = None) -> tuple[bytes, dict]:
+             code_counts: Tensor | None = None, labels=None) -> tuple[bytes, dict]:
     """Compress images into the bytes of one `.vqz` file (format version 2).
 
     images: float (C, H, W) tensors in [0, 1], any sizes, C = model.cfg.in_channels; each is encoded on
     its own (batch of one). coder "range" codes with `prior`, an integer prior (`IntegerPrior`: the same
     frequencies on every machine; a float prior is refused); for a class-conditional prior each image
-    gets the class that gives it the fewest bits, stored in the file. coder "huffman" uses `code_counts`
+    gets the class in `labels` ((N,) integers), or if None the class that gives it the fewest bits (about
+    num_classes times the coding time), stored in the file. coder "huffman" uses `code_counts`
     ((K,) training-set code frequencies; the prior may be None). Returns (data, stats) with stats: bytes,
     header_bytes, payload_bytes, crc_bytes, num_images, bits_per_image (whole file), cross_entropy_bits
     (sum of -log2 p(code) under the exact integer probabilities the coder uses: the integer prior's,
@@ -158,16 +175,16 @@ def compress(model: VQVAE, prior: IntegerPrior | None, images: list[Tensor], cod
         _check_integer_prior(model, prior)
     else:
         counts = _check_counts(model, code_counts)
+    labels = _check_labels(labels, prior, coder, len(images))
     with eval_mode(model, prior):
         codes = [encode_image(model, x) for x in images]  # (h, w) each
         for i, (c, shape) in enumerate(zip(codes, shapes)):
             assert tuple(c.shape) == latent_shape(shape, model.cfg.downsample), (i, tuple(c.shape), shape)
         flat = np.concatenate([c.reshape(-1).numpy() for c in codes]).astype(np.int64)  # (N,)
-        labels = None
         if coder == "range":
             source = entropy.IntegerPriorFrequencies(prior)
             layout = entropy.make_layout([tuple(c.shape) for c in codes], source.hw)
-            if prior.cfg.num_classes > 0:
+            if prior.cfg.num_classes > 0 and labels is None:
                 labels = entropy.best_labels(source, layout, flat, len(images), prior.cfg.num_classes)
             payload, bits = entropy.range_encode(source, layout, labels, flat)
             second_fingerprint = fingerprint(prior)

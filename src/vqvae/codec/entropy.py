@@ -193,8 +193,9 @@ def drive(source: FrequencySource, layout: Layout, labels: np.ndarray | None, fl
 def best_labels(source: FrequencySource, layout: Layout, flat: np.ndarray, num_images: int,
                 num_classes: int) -> np.ndarray:
     """For each image, the class under which the source gives its codes the fewest bits -> (N,) int64
-    (the lowest class among equals). Every class runs over the same sequences in one batch of at most
-    about CHUNK sequences; the bits are those of the integer frequencies the coder would use."""
+    (the lowest class among equals). Every class runs step by step over the same sequences in one batch
+    of about CHUNK sequences; the bits are those of the integer frequencies the coder would use. Costs
+    about num_classes times the coding itself."""
     bits = np.zeros((num_images, num_classes))
     group = max(1, CHUNK // num_classes)
     for start in range(0, len(layout.index), group):
