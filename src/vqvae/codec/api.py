@@ -119,11 +119,6 @@ def _check_range_prior(model: VQVAE, prior, header: Header) -> None:
     _check_prior(model, prior)
 
 
-# ------------------------------------------------------------------------------------------------
-# compress / decompress
-# ------------------------------------------------------------------------------------------------
-
-
 def _check_integer_prior(model: VQVAE, prior) -> None:
     if isinstance(prior, Prior):
         raise CodecError(f"new .vqz files are range-coded with an integer prior (IntegerPrior.from_prior), "
@@ -149,6 +144,11 @@ def _check_labels(labels, prior, coder: str, n: int) -> np.ndarray | None:
         raise CodecError(f"labels must be {n} integers in 0..{num_classes - 1} (one per image), "
                          f"got {array.dtype} {array.shape}{values}")
     return array.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------
+# compress / decompress
+# ------------------------------------------------------------------------------------------------
 
 
 @torch.no_grad()
