@@ -39,7 +39,9 @@ from torch import Tensor, nn
 from . import pretrained
 from .config import PriorConfig, from_dict, to_dict
 from .errors import ConfigError, RunError
-from .priors import FIRST_KERNEL, KERNEL, DecodeState, PixelCNNPrior, Prior, TransformerPrior
+from .priors import (
+    FIRST_KERNEL, KERNEL, DecodeState, PixelCNNPrior, Prior, TransformerPrior, pixelcnn_dilations,
+)
 
 __all__ = ["PRECISION", "IntegerPrior", "IntegerTransformerPrior", "IntegerPixelCNNPrior", "load_integer_prior"]
 
@@ -254,6 +256,7 @@ class IntegerPrior(nn.Module):
         hi, lo = _exp2_tables()
         self.register_buffer("exp2_hi", hi)
         self.register_buffer("exp2_lo", lo)
+        self.register_load_state_dict_post_hook(lambda module, _keys: module._verify())
 
     def __init_subclass__(cls, **kwargs):
         super().__init_subclass__(**kwargs)
@@ -283,6 +286,16 @@ class IntegerPrior(nn.Module):
         thread count or the rest of the batch; it equals `frequencies` of a full pass exactly."""
         raise NotImplementedError
 
+    def _verify(self) -> None:
+        """After loading: the integers outside the layers are within the ranges the arithmetic assumes
+        (the layers check their own bounds), so a damaged file cannot overflow int64 silently."""
+        ok = all(0 <= int(t.min()) and int(t.max()) <= 1 << EXP_BITS for t in (self.exp2_hi, self.exp2_lo))
+        for name, t in self.named_buffers():
+            if name.endswith("emb") or name.endswith("table") or name.endswith("cond_bias"):
+                ok &= int(t.abs().max()) <= 1 << HIDDEN_BITS
+        if not ok:
+            raise RunError("integer prior tables or embeddings out of range")
+
     # --- shared ----------------------------------------------------------------------------------
     @classmethod
     def from_prior(cls, prior: Prior, codes: Tensor, cond: Tensor | None = None, **options) -> "IntegerPrior":
@@ -296,6 +309,10 @@ class IntegerPrior(nn.Module):
         target = {"transformer": IntegerTransformerPrior, "pixelcnn": IntegerPixelCNNPrior}.get(prior.cfg.arch)
         if target is None or not issubclass(target, cls):
             raise ConfigError(f"no {cls.__name__} for a {prior.cfg.arch} prior")
+        unknown = sorted(set(options) - {"weight_bits", "act_bits", "margin", "calib_size"})
+        if unknown or not options.get("margin", 1) > 0 or not options.get("calib_size", 1) >= 1:
+            raise ConfigError(f"unknown or bad options {unknown or options}: allowed weight_bits, act_bits, "
+                              f"margin > 0, calib_size >= 1")
         codes = torch.as_tensor(codes)
         if tuple(codes.shape[1:]) != prior.cfg.grid or len(codes) == 0:
             raise ValueError(f"codes must be (N, {', '.join(map(str, prior.cfg.grid))}), got {tuple(codes.shape)}")
@@ -435,6 +452,15 @@ class IntegerTransformerPrior(IntegerPrior):
         self.blocks = nn.ModuleList(_Block(C, A, act_bits) for _ in range(cfg.n_layer))
         self.head = QLinear(C, cfg.codebook_size, A, 48)  # -> logits in units of 2**-16 bits
         self.register_buffer("gelu_table", torch.zeros((2 * GELU_RANGE << TABLE_STEP) + 1, dtype=torch.long))
+
+    def _verify(self) -> None:
+        super()._verify()
+        hs, A = self.cfg.n_embd // self.cfg.n_head, self.act_limit
+        ok = bool(((self.ln_eps >= 1) & (self.ln_eps <= 1 << 60)).all())
+        for blk in self.blocks:
+            ok &= 1 <= int(blk.score_shift) <= 62 and 1 <= int(blk.score_mult) * 2 * hs * A * A < WIDE
+        if not ok:
+            raise RunError("integer transformer scalars out of range (LayerNorm eps or attention scale)")
 
     # --- integer forward -------------------------------------------------------------------------
     def _ln(self, x: Tensor, i: int) -> Tensor:
@@ -603,12 +629,13 @@ def _transformer_ranges(prior: TransformerPrior, codes: Tensor, cond: Tensor | N
 # ------------------------------------------------------------------------------------------------
 
 
-def _windows(x: Tensor, kh: int, kw: int, left: int) -> list[Tensor]:
-    """x (B, H, W, C) -> the kh * kw taps of a convolution, each (B, H, W, C): rows i-kh+1..i, columns
-    j-left..j-left+kw-1 around (i, j), zeros outside the grid; row-major tap order."""
-    H, W = x.shape[1:3]
-    p = F.pad(x, (0, 0, left, kw - 1 - left, kh - 1, 0))
-    return [p[:, dy:dy + H, dx:dx + W] for dy in range(kh) for dx in range(kw)]
+def _windows(x: Tensor, kh: int, kw: int, left: int, dilation: int = 1) -> list[Tensor]:
+    """x (B, H, W, C) -> the kh * kw taps of a dilated convolution, each (B, H, W, C): at (i, j) the rows
+    i - (kh-1)*d .. i and the columns j - left .. j - left + (kw-1)*d, every d-th, zeros outside the
+    grid; row-major tap order."""
+    H, W, d = x.shape[1], x.shape[2], dilation
+    p = F.pad(x, (0, 0, left, (kw - 1) * d - left, (kh - 1) * d, 0))
+    return [p[:, dy * d:dy * d + H, dx * d:dx * d + W] for dy in range(kh) for dx in range(kw)]
 
 
 def _conv_matrix(conv: nn.Conv2d) -> Tensor:
@@ -619,10 +646,10 @@ def _conv_matrix(conv: nn.Conv2d) -> Tensor:
 class _GatedLayer(nn.Module):
     """The integers of one gated layer; the arithmetic lives in `IntegerPixelCNNPrior._trunk`."""
 
-    def __init__(self, C: int, kernel: int, num_classes: int, act_bits: int):
+    def __init__(self, C: int, kernel: int, dilation: int, num_classes: int, act_bits: int):
         super().__init__()
         A, hidden = (1 << (act_bits - 1)) - 1, (1 << (HIDDEN_BITS - 1)) - 1
-        self.kernel = kernel
+        self.kernel, self.dilation = kernel, dilation
         self.v_conv = QLinear((kernel // 2 + 1) * kernel * C, 2 * C, A, HIDDEN_BITS)  # -> units of 2**-16
         self.h_conv = QLinear((kernel // 2 + 1) * C, 2 * C, A, HIDDEN_BITS)
         self.v_to_h = QLinear(2 * C, 2 * C, hidden, HIDDEN_BITS)
@@ -631,8 +658,8 @@ class _GatedLayer(nn.Module):
 
 
 class IntegerPixelCNNPrior(IntegerPrior):
-    """Integer model of `PixelCNNPrior`: the same causal convolutions (as sums of per-tap products), gates
-    tanh(a) * sigmoid(b) from tables, the ReLU head. Step-by-step decoding recomputes rows 0..i of the
+    """Integer model of `PixelCNNPrior`: the same causal (dilated) convolutions as sums of per-tap
+    products, gates tanh(a) * sigmoid(b) from tables, the ReLU head. Step-by-step decoding recomputes rows 0..i of the
     trunk (row i's outputs depend on no later row) and the head at the one position asked for.
 
     Fixed-point scales: the horizontal stream (and the code embedding) one calibrated scale; gate inputs
@@ -645,8 +672,8 @@ class IntegerPixelCNNPrior(IntegerPrior):
         super().__init__(cfg, weight_bits, act_bits)
         C, K, A = cfg.n_embd, cfg.codebook_size, self.act_limit
         self.register_buffer("tok_emb", torch.zeros(K, C, dtype=torch.long))
-        self.layers = nn.ModuleList(_GatedLayer(C, FIRST_KERNEL if i == 0 else KERNEL, cfg.num_classes, act_bits)
-                                    for i in range(cfg.n_layer))
+        self.layers = nn.ModuleList(_GatedLayer(C, FIRST_KERNEL if i == 0 else KERNEL, d, cfg.num_classes, act_bits)
+                                    for i, d in enumerate(pixelcnn_dilations(cfg)[0]))
         self.head_hidden = QLinear(C, C, A, act_bits)
         self.head_out = QLinear(C, K, A, 48)  # -> logits in units of 2**-16 bits
         self.register_buffer("tanh_table", torch.zeros((16 << TABLE_STEP) + 1, dtype=torch.long))
@@ -665,10 +692,10 @@ class IntegerPixelCNNPrior(IntegerPrior):
         x_v = F.pad(emb, (0, 0, 0, 0, 1, 0))[:, :-1]  # shifted down: row i holds row i-1
         x_h = F.pad(emb, (0, 0, 1, 0))[:, :, :-1]  # shifted right: (i, j) holds (i, j-1)
         for layer in self.layers:
-            k, p = layer.kernel, layer.kernel // 2
+            k, d = layer.kernel, layer.dilation
             bias = 0 if cond is None else layer.cond_bias[cond][:, None, None]  # (B, 1, 1, 2C)
-            v = layer.v_conv(_windows(x_v, p + 1, k, p))  # (B, H', W, 2C)
-            h = layer.h_conv(_windows(x_h, 1, p + 1, p))
+            v = layer.v_conv(_windows(x_v, k // 2 + 1, k, k // 2 * d, d))  # (B, H', W, 2C)
+            h = layer.h_conv(_windows(x_h, 1, k // 2 + 1, k // 2 * d, d))
             pre_h = (h + layer.v_to_h(v) + bias).clamp_(-hidden, hidden)
             x_v = self._gate((v + bias).clamp_(-hidden, hidden))
             x_h = (x_h + layer.h_out(self._gate(pre_h))).clamp_(-A, A)
@@ -707,14 +734,14 @@ class IntegerPixelCNNPrior(IntegerPrior):
         cfg, C = prior.cfg, prior.cfg.n_embd
         model = cls(cfg, weight_bits, act_bits)
         for il, fl in zip(model.layers, prior.layers):  # the float layers must have the geometry mirrored here
-            k, p = il.kernel, il.kernel // 2
-            shapes = (fl.v_conv.kernel_size, fl.h_conv.kernel_size, fl.v_conv.dilation, fl.h_conv.dilation)
-            if shapes != ((p + 1, k), (1, p + 1), (1, 1), (1, 1)):
+            k, p, d = il.kernel, il.kernel // 2, il.dilation
+            shapes = (fl.v_conv.kernel_size, fl.h_conv.kernel_size, fl.v_conv.dilation, fl.h_conv.dilation, fl.pad)
+            if shapes != ((p + 1, k), (1, p + 1), (d, d), (d, d), p * d):
                 raise ConfigError(f"the integer PixelCNN does not model convolutions of kernel/dilation {shapes}")
         ranges = _pixelcnn_ranges(prior, codes, cond)
         A = model.act_limit
         s_res, s_head = margin * ranges["residual"] / A, margin * ranges["head"] / A
-        s_gate, s_unit = 2.0 ** -(act_bits - 1), 2.0 ** -TABLE_FRAC
+        s_gate, s_unit, hidden = 2.0 ** -(act_bits - 1), 2.0 ** -TABLE_FRAC, (1 << (HIDDEN_BITS - 1)) - 1
         model.tanh_table.copy_(_function_table(math.tanh, 8))
         model.sigmoid_table.copy_(_function_table(lambda x: 1 / (1 + math.exp(-x)), 16))
         model.tok_emb.copy_(torch.round(prior.tok_emb.weight.double().cpu() / s_res).long().clamp(-A, A))
@@ -729,7 +756,8 @@ class IntegerPixelCNNPrior(IntegerPrior):
             il.v_to_h.set_weights(_conv_matrix(fl.v_to_h), fl.v_to_h.bias, s_unit, full(2 * C, s_unit), weight_bits)
             il.h_out.set_weights(_conv_matrix(fl.h_out), fl.h_out.bias, s_gate, full(C, s_res), weight_bits)
             if fl.cond_emb is not None:
-                il.cond_bias.copy_(torch.round(fl.cond_emb.weight.double().cpu() / s_unit).long())
+                bias = torch.round(fl.cond_emb.weight.double().cpu() / s_unit).long()
+                il.cond_bias.copy_(bias.clamp(-hidden, hidden))
         hidden, out = prior.head[1], prior.head[3]
         model.head_hidden.set_weights(_conv_matrix(hidden), hidden.bias, s_res, full(C, s_head), weight_bits)
         model.head_out.set_weights(_conv_matrix(out), out.bias, s_head,
