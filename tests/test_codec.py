@@ -202,6 +202,24 @@ def test_conditional_label_is_the_cheapest_class(model):
     assert read_header(compress(model, prior, images)[0]).labels == tuple(stats["labels"])
 
 
+def test_labels_chosen_with_the_float_prior(model):
+    """With `label_prior`, each image gets the class of fewest float bits over its coded positions (tiles
+    with filler included), and the file still decodes with the integer prior alone."""
+    float_prior = tiny_prior(num_classes=4, seed=7)
+    with torch.no_grad():
+        float_prior.start_emb.weight.mul_(50)
+    prior = integer(float_prior)
+    images = blobs(12, seed=8) + [torch.rand(1, 29, 31)]
+    data, stats = compress(model, prior, images, label_prior=float_prior)
+    codes = torch.stack(stats["codes"][:-1])  # (N, 7, 7): one tile each
+    with torch.no_grad():
+        nats = torch.stack([-float_prior.log_prob(codes, torch.full((len(codes),), c)) for c in range(4)], 1)
+    assert stats["labels"][:-1] == nats.argmin(1).tolist() and len(set(stats["labels"])) > 1
+    assert_round_trip(model, images, decompress(model, prior, data), stats)
+    with pytest.raises(CodecError, match="class-conditional"):
+        compress(model, prior, images, label_prior=tiny_prior(num_classes=0))
+
+
 def test_given_labels_are_stored_and_checked(model, prior):
     conditional = tiny_iprior(num_classes=3)
     images = blobs(4, seed=9)

@@ -204,8 +204,8 @@ class Run:
         if coder not in ("range", "huffman"):
             raise ConfigError(f"coder must be 'range' or 'huffman', got {coder!r}")
         model = self.model()
-        if coder == "range":
-            return codec.compress(model, self.prior(), images)
+        if coder == "range":  # labels (class-conditional priors) are chosen with the float prior: faster
+            return codec.compress(model, self.integer_prior(), images, label_prior=self.prior())
         return codec.compress(model, None, images, coder="huffman", code_counts=self.code_counts())
 
     def decompress(self, data: bytes) -> list[torch.Tensor]:
@@ -216,5 +216,5 @@ class Run:
         model = self.model()
         if header.coder == "huffman":
             return codec.decompress(model, None, data, code_counts=self.code_counts())
-        prior = self.prior() if getattr(header, "version", 1) == 1 else self.integer_prior()
+        prior = self.prior() if header.version == 1 else self.integer_prior()  # version 1: float priors
         return codec.decompress(model, prior, data)

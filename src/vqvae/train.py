@@ -27,6 +27,7 @@ from .config import ModelConfig, TrainConfig, from_dict, to_dict, write_json
 from .data import load_dataset
 from .errors import RunError
 from .evaluate import encode_dataset, evaluate_autoencoder, integer_prior_figures, likelihood, prior_figures
+from .pretrained import fingerprint
 from .run import Run
 
 STATE_NAME, METRICS_NAME = Run.STATE, Run.METRICS
@@ -269,8 +270,6 @@ def cached_codes(run: Run, model: VQVAE, shifts: int = 0) -> dict[str, torch.Ten
     a cheap way to give a small dataset's prior more sequences. The cache is keyed by the model's
     weights and the shift setting, so retraining the autoencoder never reuses stale codes.
     """
-    from .codec import fingerprint
-
     key = {"model": fingerprint(model).hex(), "shifts": shifts}
     cached = run.read_codes(key)
     if cached is not None:

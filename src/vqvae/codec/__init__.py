@@ -15,7 +15,7 @@ training-set code counts (the baseline; the prior is not used).
 prior (`header.version == 1`). docs/format.md has the byte layout.
 
 The package, one concept a module:
-    container.py  the bytes: header fields, varints, CRC32, fingerprints
+    container.py  the bytes: header fields, varints, CRC32 (fingerprints: `pretrained.fingerprint`)
     entropy.py    frequency sources (integer prior; float prior through `quantize_logits`), the layout
                   of sequences and tiles, the range coder they drive
     huffman.py    the canonical Huffman code (and why not constriction's)
@@ -23,7 +23,8 @@ The package, one concept a module:
 """
 
 from .api import compress, decode_image, decompress, decompress_codes, encode_image
-from .container import MAGIC, VERSION, VERSIONS, Header, fingerprint, read_header
+from ..pretrained import fingerprint
+from .container import MAGIC, VERSION, VERSIONS, Header, read_header
 from .entropy import CHUNK, PRECISION, quantize_logits
 
 __all__ = [

@@ -18,10 +18,11 @@ from ..autoencoders import VQVAE
 from ..errors import CodecError
 from ..integer_priors import FORMAT_IDS, IntegerPrior
 from ..nets import eval_mode
+from ..pretrained import fingerprint
 from ..priors import Prior
 from . import entropy, huffman
 from .container import (CODERS, CRC_BYTES, MAX_IMAGES, MAX_INTEGER_MODEL, MAX_PIXELS, MAX_SIDE, VERSION, Header,
-                        counts_fingerprint, fingerprint, parse, seal)
+                        counts_fingerprint, parse, seal)
 
 # ------------------------------------------------------------------------------------------------
 # The autoencoder
@@ -153,14 +154,16 @@ def _check_labels(labels, prior, coder: str, n: int) -> np.ndarray | None:
 
 @torch.no_grad()
 def compress(model: VQVAE, prior: IntegerPrior | None, images: list[Tensor], coder: str = "range",
-             code_counts: Tensor | None = None, labels=None) -> tuple[bytes, dict]:
+             code_counts: Tensor | None = None, labels=None, label_prior: Prior | None = None) -> tuple[bytes, dict]:
     """Compress images into the bytes of one `.vqz` file (format version 2).
 
     images: float (C, H, W) tensors in [0, 1], any sizes, C = model.cfg.in_channels; each is encoded on
     its own (batch of one). coder "range" codes with `prior`, an integer prior (`IntegerPrior`: the same
     frequencies on every machine; a float prior is refused); for a class-conditional prior each image
-    gets the class in `labels` ((N,) integers), or if None the class that gives it the fewest bits (about
-    num_classes times the coding time), stored in the file. coder "huffman" uses `code_counts`
+    gets the class in `labels` ((N,) integers), or if None the class that gives it the fewest bits, stored
+    in the file: under `label_prior` (the float prior the integer one was made from: one full pass per
+    class, a fraction of the coding time) if given, else under the integer prior itself (about
+    num_classes times the coding time). The choice only needs to be good, not reproducible. coder "huffman" uses `code_counts`
     ((K,) training-set code frequencies; the prior may be None). Returns (data, stats) with stats: bytes,
     header_bytes, payload_bytes, crc_bytes, num_images, bits_per_image (whole file), cross_entropy_bits
     (sum of -log2 p(code) under the exact integer probabilities the coder uses: the integer prior's,
@@ -184,7 +187,9 @@ def compress(model: VQVAE, prior: IntegerPrior | None, images: list[Tensor], cod
         if coder == "range":
             source = entropy.IntegerPriorFrequencies(prior)
             layout = entropy.make_layout([tuple(c.shape) for c in codes], source.hw)
-            if prior.cfg.num_classes > 0 and labels is None:
+            if prior.cfg.num_classes > 0 and labels is None and label_prior is not None:
+                labels = entropy.best_labels_full_pass(label_prior, layout, flat, len(images))
+            elif prior.cfg.num_classes > 0 and labels is None:
                 labels = entropy.best_labels(source, layout, flat, len(images), prior.cfg.num_classes)
             payload, bits = entropy.range_encode(source, layout, labels, flat)
             second_fingerprint = fingerprint(prior)

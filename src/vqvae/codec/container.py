@@ -1,4 +1,4 @@
-"""The `.vqz` byte container: header, varints, CRC32, fingerprints (docs/format.md has the byte layout).
+"""The `.vqz` byte container: header, varints, CRC32 (docs/format.md has the byte layout).
 
     data = seal(header, payload)          # header bytes + payload + CRC32 of both
     header, payload = parse(data)         # magic, version, CRC, then the header's syntax; CodecError otherwise
@@ -15,8 +15,6 @@ import zlib
 from dataclasses import dataclass, field
 
 import numpy as np
-import torch
-from torch import nn
 
 from ..errors import CodecError
 
@@ -185,17 +183,6 @@ def parse(data: bytes) -> tuple[Header, bytes]:
 def read_header(data: bytes) -> Header:
     """The header of a `.vqz` file after checking magic, version and CRC; raises CodecError otherwise."""
     return parse(data)[0]
-
-
-def fingerprint(module: nn.Module, nbytes: int = FINGERPRINT_BYTES) -> bytes:
-    """First `nbytes` of a sha256 over the state dict: per entry (sorted by name) the name, dtype and
-    shape, then the tensor's raw bytes. Same weights -> same bytes, whatever the device."""
-    digest = hashlib.sha256()
-    for name, tensor in sorted(module.state_dict().items()):
-        t = tensor.detach().cpu().contiguous()
-        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
-        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
-    return digest.digest()[:nbytes]
 
 
 def counts_fingerprint(counts: np.ndarray) -> bytes:

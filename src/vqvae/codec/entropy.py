@@ -212,6 +212,26 @@ def best_labels(source: FrequencySource, layout: Layout, flat: np.ndarray, num_i
     return bits.argmin(axis=1)
 
 
+@torch.no_grad()
+def best_labels_full_pass(prior: Prior, layout: Layout, flat: np.ndarray, num_images: int) -> np.ndarray:
+    """`best_labels` under a float prior's full `logits` pass, one per class: much faster than stepping an
+    integer prior, and as good a choice (the label is stored in the file, so it need not be bit-exact)."""
+    if prior.cfg.num_classes < 1 or len(prior.cfg.grid) != 2:
+        raise CodecError("the label prior must be a class-conditional prior over 2-D grids")
+    Y, device = prior.cfg.num_classes, prior.device
+    bits = np.zeros((num_images, Y))
+    for start in range(0, len(layout.index), CHUNK):
+        index = layout.index[start : start + CHUNK]  # (b, L)
+        grids = torch.from_numpy(flat[index]).to(device).view(len(index), *prior.cfg.grid)  # (b, gh, gw)
+        coded = torch.from_numpy(layout.coded[start : start + CHUNK]).to(device)  # (b, L)
+        for label in range(Y):
+            cond = torch.full((len(index),), label, dtype=torch.long, device=device)
+            nll = torch.nn.functional.cross_entropy(prior.logits(grids, cond).float(), grids, reduction="none")
+            cost = (nll.flatten(1) * coded).sum(1).double().cpu().numpy()  # (b,) nats of the coded positions
+            np.add.at(bits[:, label], layout.owner[start : start + CHUNK], cost)
+    return bits.argmin(axis=1)
+
+
 def range_encode(source: FrequencySource, layout: Layout, labels: np.ndarray | None,
                  flat: np.ndarray) -> tuple[bytes, float]:
     """flat (N,) int64 codes -> (payload: constriction's uint32 words little-endian, information in bits)."""
