@@ -3,6 +3,7 @@ files decoded under another thread count. Version-1 files: tests/test_codec_fixt
 
 import copy
 import dataclasses
+import hashlib
 import math
 import os
 import subprocess
@@ -270,6 +271,59 @@ def test_encoder_and_decoder_see_identical_integer_probabilities(model, monkeypa
     for (a, targets_a), (b, targets_b) in zip(seen["compress"], seen["decompress"]):
         assert a.dtype == b.dtype == np.int64 and np.array_equal(a, b) and np.array_equal(targets_a, targets_b)
         assert (a >= 1).all() and (a.sum(1) == 1 << codec.PRECISION).all()
+
+
+def _frequency_digests(monkeypatch, run):
+    """Run `run()` and return {flat index of the code coded: sha256 of its row of integer frequencies} for
+    every frequency row the range coder saw."""
+    original, seen = entropy.drive, {}
+
+    def recording(source, layout, labels, flat, code_position):
+        def record(freqs, targets):
+            for row, target in zip(freqs, targets):
+                seen[int(target)] = hashlib.sha256(row.tobytes()).hexdigest()
+            code_position(freqs, targets)
+        original(source, layout, labels, flat, record)
+
+    monkeypatch.setattr(entropy, "drive", recording)
+    run()
+    monkeypatch.setattr(entropy, "drive", original)
+    return seen
+
+
+def test_frequencies_are_identical_across_threads_kernel_onednn_and_batching(monkeypatch):
+    """The issue's cross-checks in one process: every frequency row the coder sees (keyed by the code it
+    codes) hashes the same when the file is written on 1 thread with the quantizer's C++ kernel, read on 2
+    threads with the kernel off and oneDNN disabled, and when each image is compressed in a file of its own
+    (other batch composition) instead of one file of 150."""
+    from vqvae import nearest
+
+    model = tiny_model()
+    prior = tiny_iprior(num_classes=3)
+    images = blobs(150, seed=41)  # 150 sequences: two chunks of the driver, the second partly filled
+    threads = torch.get_num_threads()
+    try:
+        torch.set_num_threads(1)
+        holder = {}
+        written = _frequency_digests(monkeypatch, lambda: holder.update(
+            zip(("data", "stats"), compress(model, prior, images))))
+        torch.set_num_threads(2)
+        monkeypatch.setattr(nearest, "USE_KERNEL", False)
+        with torch.backends.mkldnn.flags(enabled=False):
+            read = _frequency_digests(monkeypatch, lambda: holder.update(
+                codes=decompress_codes(model, prior, holder["data"])))
+        torch.set_num_threads(1)
+        monkeypatch.setattr(nearest, "USE_KERNEL", True)  # the encoder's float search as when it wrote the file
+        labels = holder["stats"]["labels"]
+        alone = {}
+        for i, x in enumerate(images):  # one file each: the sequence is alone in its batch
+            digests = _frequency_digests(monkeypatch, lambda: compress(model, prior, [x], labels=[labels[i]]))
+            alone.update({49 * i + target: digest for target, digest in digests.items()})
+    finally:
+        torch.set_num_threads(threads)
+    assert len(written) == 150 * 49
+    assert read == written and alone == written
+    assert all(torch.equal(a, b) for a, b in zip(holder["codes"], holder["stats"]["codes"]))
 
 
 def test_quantize_logits_is_exact_and_deterministic():
