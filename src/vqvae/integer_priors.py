@@ -19,6 +19,8 @@ frequencies in exact arithmetic instead, so every machine gets the same integers
   folded into the next linear layer); softmax through a table of 2**-f; GELU, tanh and sigmoid through
   tables with linear interpolation. The tables are computed once, at quantization, and stored with the
   model: no libm difference between machines can reach them.
+The arithmetic itself (exact products, requantization, LayerNorm, tables) is in `fixedpoint.py`; this
+module holds the two models and their quantization from float priors.
 
     iprior = IntegerPrior.from_prior(prior, train_codes, train_labels)   # calibrate + quantize
     state = iprior.start(B, cond); freqs, state = iprior.step(state, prev)   # (B, K) int64, sum 2**24
@@ -36,7 +38,9 @@ import torch.nn.functional as F
 from einops import rearrange
 from torch import Tensor, nn
 
+from . import fixedpoint as fp
 from . import pretrained
+from .fixedpoint import PRECISION, QLinear
 from .config import PriorConfig, from_dict, to_dict
 from .errors import ConfigError, RunError
 from .priors import (
@@ -45,189 +49,7 @@ from .priors import (
 
 __all__ = ["PRECISION", "IntegerPrior", "IntegerTransformerPrior", "IntegerPixelCNNPrior", "load_integer_prior"]
 
-PRECISION = 24  # each row of frequencies sums to 2**24: constriction's range-coder precision
-EXACT = 1 << 53  # float64 holds every integer below this: the bound on matrix products' partial sums
-WIDE = 1 << 62  # int64 products (requantization, LayerNorm sums) stay below this
-LOG2_FRAC = 16  # logits and attention scores in units of 2**-16 bits (log2 probability)
-EXP_BITS = 30  # 2**-z as an integer at scale 2**30
-PROB_BITS = 20  # attention weights at scale 2**20
-TABLE_FRAC, TABLE_STEP = 16, 8  # nonlinearities: inputs and outputs in units of 2**-16, entries every 2**-8
-GELU_RANGE = 8  # the GELU table covers [-8, 8]; gelu(x) = x above, 0 below
-HIDDEN_BITS = 24  # pre-activations at scale 2**-16 saturate at +-128
 FORMAT_IDS = {}  # format_id -> class, filled by the subclasses
-
-
-# ------------------------------------------------------------------------------------------------
-# Integer arithmetic
-# ------------------------------------------------------------------------------------------------
-
-
-def _round_shift(x: Tensor, shift: Tensor | int) -> Tensor:
-    """round(x / 2**shift) for int64 x, halves up; shift >= 1 (an int or an int64 tensor)."""
-    return ((x >> (shift - 1)) + 1) >> 1
-
-
-def _requant(acc: Tensor, mult: Tensor, shift: Tensor) -> Tensor:
-    """round(acc * mult / 2**shift): multiplication by the real mult / 2**shift, in int64."""
-    return _round_shift(acc * mult, shift)
-
-
-def _multiplier(scale: float, bound: int) -> tuple[int, int]:
-    """(mult, shift) with mult / 2**shift ~ scale and mult * bound < 2**62: the most precise pair for
-    requantizing accumulators of magnitude <= bound."""
-    bound = max(bound, 1)
-    shift = min(62, max(1, 61 - bound.bit_length() - math.floor(math.log2(scale))))
-    while shift > 1 and round(scale * 2.0**shift) * bound >= WIDE:
-        shift -= 1
-    mult = round(scale * 2.0**shift)
-    if not (1 <= mult and mult * bound < WIDE):
-        raise ConfigError(f"cannot requantize by {scale:.3g} with accumulators up to {bound}: reduce act_bits")
-    return mult, shift
-
-
-def _isqrt(q: Tensor) -> Tensor:
-    """floor(sqrt(q)) exactly, for int64 0 <= q < 2**62: a float guess (off by at most one), then fixed up
-    with integer comparisons, so the result does not depend on how the device rounds the guess."""
-    r = torch.sqrt(q.to(torch.float64)).to(torch.int64)
-    for _ in range(2):
-        r = r - (r * r > q).long()
-        r = r + ((r + 1) * (r + 1) <= q).long()
-    return r
-
-
-def _take(table: Tensor, index: Tensor) -> Tensor:
-    """table[index] for a 1-D table (index_select: several times faster than advanced indexing on CPU)."""
-    return table.index_select(0, index.reshape(-1)).view(index.shape)
-
-
-def _exp2_neg(z: Tensor, hi: Tensor, lo: Tensor) -> Tensor:
-    """round(2**EXP_BITS * 2**(-z / 2**LOG2_FRAC)) (within a unit) for int64 z >= 0, from two tables:
-    hi[a] = 2**30 * 2**(-a / 256), lo[b] = 2**30 * 2**(-b / 65536) for the fraction's two bytes."""
-    n = (z >> LOG2_FRAC).clamp_(max=62)
-    f = z & ((1 << LOG2_FRAC) - 1)
-    e = (_take(hi, f >> 8) * _take(lo, f & 255) + (1 << (EXP_BITS - 1))) >> EXP_BITS
-    return e >> n
-
-
-def _exp2_tables() -> tuple[Tensor, Tensor]:
-    hi = [round(2.0**EXP_BITS * 2.0 ** (-a / 256)) for a in range(256)]
-    lo = [round(2.0**EXP_BITS * 2.0 ** (-b / 65536)) for b in range(256)]
-    return torch.tensor(hi, dtype=torch.long), torch.tensor(lo, dtype=torch.long)
-
-
-def _function_table(fn, half_range: int) -> Tensor:
-    """fn at -half_range .. half_range every 2**-TABLE_STEP, at scale 2**TABLE_FRAC -> (2*half_range*256 + 1,)."""
-    n = 2 * half_range << TABLE_STEP
-    return torch.tensor([round(fn(-half_range + i / 2**TABLE_STEP) * 2**TABLE_FRAC) for i in range(n + 1)],
-                        dtype=torch.long)
-
-
-def _lookup(x: Tensor, table: Tensor) -> Tensor:
-    """A tabulated function of x (int64, units of 2**-16), linearly interpolated between entries; x
-    outside the table's range reads its end value."""
-    half = (table.numel() - 1) << (TABLE_FRAC - TABLE_STEP - 1)  # half the range, in units of 2**-16
-    u = (x + half).clamp_(0, 2 * half - 1)
-    i, frac = u >> (TABLE_FRAC - TABLE_STEP), u & ((1 << (TABLE_FRAC - TABLE_STEP)) - 1)
-    a, b = _take(table, i), _take(table, i + 1)
-    return a + (((b - a) * frac + (1 << (TABLE_FRAC - TABLE_STEP - 1))) >> (TABLE_FRAC - TABLE_STEP))
-
-
-def _frequencies(logits: Tensor, hi: Tensor, lo: Tensor) -> Tensor:
-    """Integer logits (B, K) in units of 2**-16 bits -> frequencies (B, K) int64, each >= 1, rows summing to
-    2**PRECISION: floor(p * (2**PRECISION - K)) + 1, the remainder to the first most probable code
-    (as codec.quantize_logits does with float probabilities)."""
-    K = logits.size(-1)
-    top = logits.amax(-1, keepdim=True)
-    e = _exp2_neg(top - logits, hi, lo)  # (B, K) in [0, 2**30], 2**30 at the top
-    free = (1 << PRECISION) - K
-    freqs = torch.div(e * free, e.sum(-1, keepdim=True), rounding_mode="floor")
-    index = torch.arange(K, device=logits.device).expand_as(logits)
-    first = torch.where(logits == top, index, K).amin(-1, keepdim=True)  # (B, 1)
-    freqs.scatter_add_(-1, first, free - freqs.sum(-1, keepdim=True))
-    return freqs + 1
-
-
-def _layer_norm(x: Tensor, eps_term: Tensor, out_frac: int, var_shift: int) -> Tensor:
-    """Integer LayerNorm without gain and bias: round(2**out_frac * (x - mean) / sqrt(var + eps)) over
-    the last dim of x (int64, any fixed-point scale s; eps_term = eps * C**2 / (s**2 * 4**var_shift)).
-
-    With d = C * (x - mean) (exact), (x - mean) / sqrt(var + eps) = d / sqrt(sum d**2 / C + eps C**2 / s**2);
-    d is shifted right by var_shift for the sum of squares so that it fits int64.
-    """
-    C = x.size(-1)
-    d = C * x - x.sum(-1, keepdim=True)  # (..., C)
-    dv = _round_shift(d, var_shift) if var_shift else d
-    q = torch.div((dv * dv).sum(-1, keepdim=True), C, rounding_mode="floor") + eps_term
-    den = _isqrt(q) << var_shift  # ~ sqrt(sum d**2 / C + eps C**2 / s**2), >= 1
-    return torch.div((d << (out_frac + 1)) + den, den << 1, rounding_mode="floor")
-
-
-class QLinear(nn.Module):
-    """y = saturate(round((x @ weight.T + bias) * mult / 2**shift)) on integers, exactly.
-
-    Inputs are int64 with |x| <= in_limit; outputs saturate at +-(2**(out_bits - 1) - 1). Each output
-    channel o has its own weight scale and its own (mult[o], shift[o]): the output's fixed-point scale
-    may differ per channel (q, k, v of one projection; the per-code logits of the head).
-    """
-
-    def __init__(self, in_features: int, out_features: int, in_limit: int, out_bits: int):
-        super().__init__()
-        self.in_limit, self.out_limit = in_limit, (1 << (out_bits - 1)) - 1
-        for name, shape in (("weight", (out_features, in_features)), ("bias", (out_features,)),
-                            ("mult", (out_features,)), ("shift", (out_features,))):
-            self.register_buffer(name, torch.zeros(shape, dtype=torch.long))
-        self.register_buffer("weight64", torch.zeros(out_features, in_features, dtype=torch.float64),
-                             persistent=False)
-        self.register_buffer("offset", torch.zeros(out_features, dtype=torch.long), persistent=False)
-        self.register_load_state_dict_post_hook(lambda module, _keys: module.refresh())
-
-    def products(self, x: Tensor | list[Tensor]) -> Tensor:
-        """x (..., I) int64 -> x @ weight.T (..., O) int64, exact. A convolution passes the list of its n
-        taps' inputs (..., I / n) instead (weight columns in tap order): every partial sum is still within
-        the bound, so summing the taps' products in float64 is exact too."""
-        if isinstance(x, Tensor):
-            return torch.matmul(x.to(torch.float64), self.weight64.T).to(torch.long)
-        w = self.weight64.view(self.weight64.size(0), len(x), -1)  # (O, n, I / n)
-        return sum(torch.matmul(tap.to(torch.float64), w[:, i].T) for i, tap in enumerate(x)).to(torch.long)
-
-    def forward(self, x: Tensor | list[Tensor]) -> Tensor:
-        # (products + bias) * mult + 2**(shift - 1), shifted: the bias and the rounding in one offset
-        y = self.products(x).mul_(self.mult).add_(self.offset).bitwise_right_shift_(self.shift)
-        return y.clamp_(-self.out_limit, self.out_limit)
-
-    def bound(self) -> Tensor:
-        """(O,) the largest |accumulator| any input within in_limit can give."""
-        return self.weight.abs().sum(1) * self.in_limit + self.bias.abs()
-
-    def refresh(self) -> None:
-        """Check the exactness bounds of the current integers and rebuild the float64 copy of the weight."""
-        bound = self.bound()
-        if int(bound.max()) >= EXACT or bool((self.shift < 1).any() | (self.shift > 62).any()) \
-                or bool((self.mult < 1).any() | (self.mult * bound >= WIDE).any()):
-            raise RunError("integer layer out of its exact range (products above 2**53 or 2**62)")
-        self.weight64 = self.weight.to(torch.float64)
-        self.offset = self.bias * self.mult + (1 << (self.shift - 1))
-
-    @torch.no_grad()
-    def set_weights(self, weight: Tensor, bias: Tensor | None, in_scale: float, out_scale: Tensor,
-                    weight_bits: int) -> None:
-        """Quantize real weight (O, I) and bias (O,) for inputs x standing for x * in_scale and output
-        channel o in units of out_scale[o] (O,)."""
-        w = weight.detach().to("cpu", torch.float64)
-        s_w = w.abs().amax(1) / ((1 << (weight_bits - 1)) - 1)
-        s_w[s_w == 0] = 1.0
-        acc_scale = s_w * in_scale  # (O,) what one unit of the accumulator stands for
-        self.weight.copy_(torch.round(w / s_w[:, None]).long())
-        if bias is not None:
-            self.bias.copy_(torch.round(bias.detach().to("cpu", torch.float64) / acc_scale).long())
-        bound = self.bound()
-        if int(bound.max()) >= EXACT:
-            raise ConfigError(f"a {tuple(w.shape)} layer's products reach 2**{int(bound.max()).bit_length()}, "
-                              f"not exact in float64: reduce weight_bits or act_bits")
-        pairs = [_multiplier(float(s), int(b)) for s, b in zip(acc_scale / out_scale.double().cpu(), bound)]
-        self.mult.copy_(torch.tensor([m for m, _ in pairs]))
-        self.shift.copy_(torch.tensor([s for _, s in pairs]))
-        self.refresh()
 
 
 # ------------------------------------------------------------------------------------------------
@@ -253,7 +75,7 @@ class IntegerPrior(nn.Module):
         self.seq_len = math.prod(cfg.grid)  # L
         self.hw = (1, cfg.grid[0]) if len(cfg.grid) == 1 else cfg.grid  # (H, W)
         self.act_limit = (1 << (act_bits - 1)) - 1
-        hi, lo = _exp2_tables()
+        hi, lo = fp.exp2_tables()
         self.register_buffer("exp2_hi", hi)
         self.register_buffer("exp2_lo", lo)
         self.register_load_state_dict_post_hook(lambda module, _keys: module._verify())
@@ -289,10 +111,10 @@ class IntegerPrior(nn.Module):
     def _verify(self) -> None:
         """After loading: the integers outside the layers are within the ranges the arithmetic assumes
         (the layers check their own bounds), so a damaged file cannot overflow int64 silently."""
-        ok = all(0 <= int(t.min()) and int(t.max()) <= 1 << EXP_BITS for t in (self.exp2_hi, self.exp2_lo))
+        ok = all(0 <= int(t.min()) and int(t.max()) <= 1 << fp.EXP_BITS for t in (self.exp2_hi, self.exp2_lo))
         for name, t in self.named_buffers():
             if name.endswith("emb") or name.endswith("table") or name.endswith("cond_bias"):
-                ok &= int(t.abs().max()) <= 1 << HIDDEN_BITS
+                ok &= int(t.abs().max()) <= 1 << fp.HIDDEN_BITS
         if not ok:
             raise RunError("integer prior tables or embeddings out of range")
 
@@ -359,7 +181,7 @@ class IntegerPrior(nn.Module):
         self._check_device()
         flat = self._check_codes(codes)
         cond = self._check_cond(cond, len(flat))
-        return _frequencies(self._logits(flat, cond), self.exp2_hi, self.exp2_lo)
+        return fp.frequencies(self._logits(flat, cond), self.exp2_hi, self.exp2_lo)
 
     @torch.no_grad()
     def bits(self, codes: Tensor, cond: Tensor | None = None, batch_size: int = 256) -> Tensor:
@@ -414,10 +236,10 @@ class _Block(nn.Module):
 
     def __init__(self, C: int, ln_limit: int, act_bits: int):
         super().__init__()
-        act_limit, hidden_limit = (1 << (act_bits - 1)) - 1, (1 << (HIDDEN_BITS - 1)) - 1
+        act_limit, hidden_limit = (1 << (act_bits - 1)) - 1, (1 << (fp.HIDDEN_BITS - 1)) - 1
         self.c_attn = QLinear(C, 3 * C, ln_limit, act_bits)  # -> q, k, v at their own scales
         self.attn_proj = QLinear(C, C, act_limit, act_bits)  # attention output (v's scale) -> residual
-        self.c_fc = QLinear(C, 4 * C, ln_limit, HIDDEN_BITS)  # -> GELU input, units of 2**-16
+        self.c_fc = QLinear(C, 4 * C, ln_limit, fp.HIDDEN_BITS)  # -> GELU input, units of 2**-16
         self.mlp_proj = QLinear(4 * C, C, hidden_limit, act_bits)  # GELU output -> residual
         self.register_buffer("score_mult", torch.zeros((), dtype=torch.long))  # q.k -> units of 2**-16 bits
         self.register_buffer("score_shift", torch.ones((), dtype=torch.long))
@@ -440,10 +262,10 @@ class IntegerTransformerPrior(IntegerPrior):
         # LayerNorm outputs (at most sqrt(C) in magnitude) get half the activation range
         self.ln_frac = act_bits - 2 - math.ceil(math.log2(math.sqrt(C)))
         # |d| = C |x - mean| <= 2 C A: shift it right until C * d**2 fits int64
-        self.var_shift = next(r for r in range(64) if C * ((2 * C * A >> r) + 1) ** 2 < WIDE // 2)
-        assert (2 * C * A) << (self.ln_frac + 1) < WIDE, "LayerNorm numerator overflows int64"
+        self.var_shift = next(r for r in range(64) if C * ((2 * C * A >> r) + 1) ** 2 < fp.WIDE // 2)
+        assert (2 * C * A) << (self.ln_frac + 1) < fp.WIDE, "LayerNorm numerator overflows int64"
         hs = C // cfg.n_head
-        if hs * A * A >= EXACT or ((1 << PROB_BITS) + self.seq_len) * A >= EXACT:
+        if hs * A * A >= fp.EXACT or ((1 << fp.PROB_BITS) + self.seq_len) * A >= fp.EXACT:
             raise ConfigError(f"act_bits={act_bits} is too wide for exact attention products: reduce it")
         for name, rows in (("tok_emb", cfg.codebook_size), ("start_emb", max(cfg.num_classes, 1)),
                            ("row_emb", self.hw[0]), ("col_emb", self.hw[1])):
@@ -451,20 +273,20 @@ class IntegerTransformerPrior(IntegerPrior):
         self.register_buffer("ln_eps", torch.ones(2 * cfg.n_layer + 1, dtype=torch.long))
         self.blocks = nn.ModuleList(_Block(C, A, act_bits) for _ in range(cfg.n_layer))
         self.head = QLinear(C, cfg.codebook_size, A, 48)  # -> logits in units of 2**-16 bits
-        self.register_buffer("gelu_table", torch.zeros((2 * GELU_RANGE << TABLE_STEP) + 1, dtype=torch.long))
+        self.register_buffer("gelu_table", torch.zeros((2 * fp.GELU_RANGE << fp.TABLE_STEP) + 1, dtype=torch.long))
 
     def _verify(self) -> None:
         super()._verify()
         hs, A = self.cfg.n_embd // self.cfg.n_head, self.act_limit
         ok = bool(((self.ln_eps >= 1) & (self.ln_eps <= 1 << 60)).all())
         for blk in self.blocks:
-            ok &= 1 <= int(blk.score_shift) <= 62 and 1 <= int(blk.score_mult) * 2 * hs * A * A < WIDE
+            ok &= 1 <= int(blk.score_shift) <= 62 and 1 <= int(blk.score_mult) * 2 * hs * A * A < fp.WIDE
         if not ok:
             raise RunError("integer transformer scalars out of range (LayerNorm eps or attention scale)")
 
     # --- integer forward -------------------------------------------------------------------------
     def _ln(self, x: Tensor, i: int) -> Tensor:
-        y = _layer_norm(x, self.ln_eps[i], self.ln_frac, self.var_shift)
+        y = fp.layer_norm(x, self.ln_eps[i], self.ln_frac, self.var_shift)
         return y.clamp_(-self.act_limit, self.act_limit)
 
     def _attend(self, blk: _Block, q: Tensor, k: Tensor, v: Tensor, causal: bool) -> Tensor:
@@ -478,11 +300,11 @@ class IntegerTransformerPrior(IntegerPrior):
             s = s.masked_fill(mask, torch.iinfo(torch.long).min)
         top = s.amax(-1, keepdim=True)
         gap = top - s if mask is None else (top - s).masked_fill_(mask, 0)
-        e = _exp2_neg(_requant(gap, blk.score_mult, blk.score_shift), self.exp2_hi, self.exp2_lo)
+        e = fp.exp2_neg(fp.requant(gap, blk.score_mult, blk.score_shift), self.exp2_hi, self.exp2_lo)
         if mask is not None:
             e = e.masked_fill_(mask, 0)
-        p = torch.div(e << PROB_BITS, e.sum(-1, keepdim=True), rounding_mode="floor")  # sums to <= 2**20
-        return _round_shift(torch.matmul(p.to(torch.float64), v).to(torch.long), PROB_BITS)
+        p = torch.div(e << fp.PROB_BITS, e.sum(-1, keepdim=True), rounding_mode="floor")  # sums to <= 2**20
+        return fp.round_shift(torch.matmul(p.to(torch.float64), v).to(torch.long), fp.PROB_BITS)
 
     def _block(self, i: int, x: Tensor, kv: Tensor | None = None, pos: int = 0) -> Tensor:
         """x (B, T, C) int64 residual -> the same after block i. With `kv` (2, B, nh, L, hs) x is the single
@@ -498,7 +320,7 @@ class IntegerTransformerPrior(IntegerPrior):
             y = self._attend(blk, q, kv[0, :, :, : pos + 1], kv[1, :, :, : pos + 1], causal=False)
         x = (x + blk.attn_proj(rearrange(y, "b h t d -> b t (h d)"))).clamp_(-A, A)
         hidden = blk.c_fc(self._ln(x, 2 * i + 1))  # (B, T, 4C)
-        gelu = torch.where(hidden >= GELU_RANGE << TABLE_FRAC, hidden, _lookup(hidden, self.gelu_table))
+        gelu = torch.where(hidden >= fp.GELU_RANGE << fp.TABLE_FRAC, hidden, fp.lookup(hidden, self.gelu_table))
         return (x + blk.mlp_proj(gelu)).clamp_(-A, A)
 
     def _inputs(self, tokens: Tensor, positions: Tensor, cond: Tensor | None) -> Tensor:
@@ -539,7 +361,7 @@ class IntegerTransformerPrior(IntegerPrior):
             x = self._block(i, x, state.buffer[i], t)
         logits = self.head(self._ln(x[:, 0], 2 * self.cfg.n_layer))  # (B, K)
         state.pos += 1
-        return _frequencies(logits, self.exp2_hi, self.exp2_lo), state
+        return fp.frequencies(logits, self.exp2_hi, self.exp2_lo), state
 
     # --- quantization ----------------------------------------------------------------------------
     @classmethod
@@ -552,8 +374,8 @@ class IntegerTransformerPrior(IntegerPrior):
         A = model.act_limit
         s_res = margin * ranges["residual"] / A
         s_ln = 2.0 ** -model.ln_frac
-        unit = torch.full((4 * C,), 2.0 ** -TABLE_FRAC, dtype=torch.float64)
-        model.gelu_table.copy_(_function_table(lambda x: 0.5 * x * (1 + math.erf(x / math.sqrt(2))), GELU_RANGE))
+        unit = torch.full((4 * C,), 2.0 ** -fp.TABLE_FRAC, dtype=torch.float64)
+        model.gelu_table.copy_(fp.function_table(lambda x: 0.5 * x * (1 + math.erf(x / math.sqrt(2))), fp.GELU_RANGE))
         emb = {"tok_emb": prior.tok_emb.weight, "start_emb": prior.start_emb.weight, "col_emb": prior.col_emb.weight,
                "row_emb": prior.row_emb.weight if prior.row_emb is not None else torch.zeros(1, C)}
         for name, weight in emb.items():
@@ -570,17 +392,17 @@ class IntegerTransformerPrior(IntegerPrior):
                                       torch.full((C,), s_res, dtype=torch.float64), weight_bits)
             w, b = _fold(fb.ln_2, fb.mlp.c_fc)
             blk.c_fc.set_weights(w, b, s_ln, unit, weight_bits)
-            blk.mlp_proj.set_weights(fb.mlp.c_proj.weight, fb.mlp.c_proj.bias, 2.0 ** -TABLE_FRAC,
+            blk.mlp_proj.set_weights(fb.mlp.c_proj.weight, fb.mlp.c_proj.bias, 2.0 ** -fp.TABLE_FRAC,
                                      torch.full((C,), s_res, dtype=torch.float64), weight_bits)
             hs = C // cfg.n_head
-            score_scale = s_q * s_k / math.sqrt(hs) / math.log(2) * 2**LOG2_FRAC
-            mult, shift = _multiplier(score_scale, 2 * hs * A * A)
+            score_scale = s_q * s_k / math.sqrt(hs) / math.log(2) * 2**fp.LOG2_FRAC
+            mult, shift = fp.multiplier(score_scale, 2 * hs * A * A)
             blk.score_mult.fill_(mult)
             blk.score_shift.fill_(shift)
         head = nn.Linear(C, cfg.codebook_size, bias=False).to(prior.device)
         head.weight.copy_(prior.tok_emb.weight)
         w, b = _fold(prior.ln_f, head)
-        model.head.set_weights(w, b, s_ln, torch.full((cfg.codebook_size,), math.log(2) / 2**LOG2_FRAC,
+        model.head.set_weights(w, b, s_ln, torch.full((cfg.codebook_size,), math.log(2) / 2**fp.LOG2_FRAC,
                                                       dtype=torch.float64), weight_bits)
         return model
 
@@ -648,11 +470,11 @@ class _GatedLayer(nn.Module):
 
     def __init__(self, C: int, kernel: int, dilation: int, num_classes: int, act_bits: int):
         super().__init__()
-        A, hidden = (1 << (act_bits - 1)) - 1, (1 << (HIDDEN_BITS - 1)) - 1
+        A, hidden = (1 << (act_bits - 1)) - 1, (1 << (fp.HIDDEN_BITS - 1)) - 1
         self.kernel, self.dilation = kernel, dilation
-        self.v_conv = QLinear((kernel // 2 + 1) * kernel * C, 2 * C, A, HIDDEN_BITS)  # -> units of 2**-16
-        self.h_conv = QLinear((kernel // 2 + 1) * C, 2 * C, A, HIDDEN_BITS)
-        self.v_to_h = QLinear(2 * C, 2 * C, hidden, HIDDEN_BITS)
+        self.v_conv = QLinear((kernel // 2 + 1) * kernel * C, 2 * C, A, fp.HIDDEN_BITS)  # -> units of 2**-16
+        self.h_conv = QLinear((kernel // 2 + 1) * C, 2 * C, A, fp.HIDDEN_BITS)
+        self.v_to_h = QLinear(2 * C, 2 * C, hidden, fp.HIDDEN_BITS)
         self.h_out = QLinear(C, C, A, act_bits)  # gate output -> the horizontal stream's scale
         self.register_buffer("cond_bias", torch.zeros(max(num_classes, 1), 2 * C, dtype=torch.long))
 
@@ -676,18 +498,18 @@ class IntegerPixelCNNPrior(IntegerPrior):
                                     for i, d in enumerate(pixelcnn_dilations(cfg)[0]))
         self.head_hidden = QLinear(C, C, A, act_bits)
         self.head_out = QLinear(C, K, A, 48)  # -> logits in units of 2**-16 bits
-        self.register_buffer("tanh_table", torch.zeros((16 << TABLE_STEP) + 1, dtype=torch.long))
-        self.register_buffer("sigmoid_table", torch.zeros((32 << TABLE_STEP) + 1, dtype=torch.long))
+        self.register_buffer("tanh_table", torch.zeros((16 << fp.TABLE_STEP) + 1, dtype=torch.long))
+        self.register_buffer("sigmoid_table", torch.zeros((32 << fp.TABLE_STEP) + 1, dtype=torch.long))
 
     def _gate(self, x: Tensor) -> Tensor:
         """tanh(a) * sigmoid(b) of the channel halves of x (..., 2C) at 2**-16 -> (..., C) at 2**-(act_bits - 1)."""
         a, b = x.chunk(2, -1)
-        product = _lookup(a, self.tanh_table) * _lookup(b, self.sigmoid_table)  # units of 2**-32
-        return _round_shift(product, 2 * TABLE_FRAC - self.act_bits + 1).clamp_(-self.act_limit, self.act_limit)
+        product = fp.lookup(a, self.tanh_table) * fp.lookup(b, self.sigmoid_table)  # units of 2**-32
+        return fp.round_shift(product, 2 * fp.TABLE_FRAC - self.act_bits + 1).clamp_(-self.act_limit, self.act_limit)
 
     def _trunk(self, codes: Tensor, cond: Tensor | None) -> Tensor:
         """codes (B, H', W) int64, the first H' rows of the grid -> the horizontal stream (B, H', W, C)."""
-        A, hidden = self.act_limit, (1 << (HIDDEN_BITS - 1)) - 1
+        A, hidden = self.act_limit, (1 << (fp.HIDDEN_BITS - 1)) - 1
         emb = self.tok_emb[codes]  # (B, H', W, C)
         x_v = F.pad(emb, (0, 0, 0, 0, 1, 0))[:, :-1]  # shifted down: row i holds row i-1
         x_h = F.pad(emb, (0, 0, 1, 0))[:, :, :-1]  # shifted right: (i, j) holds (i, j-1)
@@ -725,7 +547,7 @@ class IntegerPixelCNNPrior(IntegerPrior):
             state.buffer[:, (t - 1) // W, (t - 1) % W] = prev_codes
         x_h = self._trunk(state.buffer[:, : t // W + 1], state.cond)[:, t // W, t % W]  # (B, C)
         state.pos += 1
-        return _frequencies(self._head(x_h), self.exp2_hi, self.exp2_lo), state
+        return fp.frequencies(self._head(x_h), self.exp2_hi, self.exp2_lo), state
 
     @classmethod
     @torch.no_grad()
@@ -741,9 +563,9 @@ class IntegerPixelCNNPrior(IntegerPrior):
         ranges = _pixelcnn_ranges(prior, codes, cond)
         A = model.act_limit
         s_res, s_head = margin * ranges["residual"] / A, margin * ranges["head"] / A
-        s_gate, s_unit, hidden = 2.0 ** -(act_bits - 1), 2.0 ** -TABLE_FRAC, (1 << (HIDDEN_BITS - 1)) - 1
-        model.tanh_table.copy_(_function_table(math.tanh, 8))
-        model.sigmoid_table.copy_(_function_table(lambda x: 1 / (1 + math.exp(-x)), 16))
+        s_gate, s_unit, hidden = 2.0 ** -(act_bits - 1), 2.0 ** -fp.TABLE_FRAC, (1 << (fp.HIDDEN_BITS - 1)) - 1
+        model.tanh_table.copy_(fp.function_table(math.tanh, 8))
+        model.sigmoid_table.copy_(fp.function_table(lambda x: 1 / (1 + math.exp(-x)), 16))
         model.tok_emb.copy_(torch.round(prior.tok_emb.weight.double().cpu() / s_res).long().clamp(-A, A))
 
         def full(n: int, scale: float) -> Tensor:
@@ -761,7 +583,7 @@ class IntegerPixelCNNPrior(IntegerPrior):
         hidden, out = prior.head[1], prior.head[3]
         model.head_hidden.set_weights(_conv_matrix(hidden), hidden.bias, s_res, full(C, s_head), weight_bits)
         model.head_out.set_weights(_conv_matrix(out), out.bias, s_head,
-                                   full(cfg.codebook_size, math.log(2) / 2**LOG2_FRAC), weight_bits)
+                                   full(cfg.codebook_size, math.log(2) / 2**fp.LOG2_FRAC), weight_bits)
         return model
 
 
