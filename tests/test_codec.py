@@ -717,3 +717,16 @@ def test_files_decode_under_another_thread_count(tmp_path):
     if all(np.array_equal(a, b) for a, b in zip(_grids(tmp_path / "by-1.npz"), _grids(tmp_path / "by-2.npz"))):
         # same codes (the float encoder agreed): then the same bytes, labels and payload included
         assert (tmp_path / "by-1.vqz").read_bytes() == (tmp_path / "by-2.vqz").read_bytes()
+
+
+@pytest.mark.skipif(not torch.cuda.is_available(), reason="needs a CUDA device to decode a CPU-written file on a GPU")
+def test_a_file_written_on_cpu_decodes_on_gpu():
+    model, prior = tiny_model(), tiny_iprior(num_classes=3)
+    images = blobs(20, seed=50)
+    data, stats = compress(model, prior, images)
+    gpu_codes = decompress_codes(copy.deepcopy(model).cuda(), copy.deepcopy(prior).cuda(), data)
+    assert all(torch.equal(a.cpu(), b) for a, b in zip(gpu_codes, stats["codes"]))
+    # and the reverse: written on the GPU (its encoder may break float ties otherwise), read on the CPU
+    gpu_data, gpu_stats = compress(copy.deepcopy(model).cuda(), copy.deepcopy(prior).cuda(), images,
+                                   labels=stats["labels"])
+    assert all(torch.equal(a, b.cpu()) for a, b in zip(decompress_codes(model, prior, gpu_data), gpu_stats["codes"]))
