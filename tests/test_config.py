@@ -18,12 +18,22 @@ BAD = [
     (QuantizerConfig, {"codebook_size": 65537}, "codebook_size", "at most 65536"),
     (QuantizerConfig, {"code_dim": 0}, "code_dim", "at least 1"),
     (QuantizerConfig, {"commitment_weight": -0.1}, "commitment_weight", ">= 0"),
-    (QuantizerConfig, {"kind": "gumbel"}, "quantizer kind", "'vq' or 'ema'"),
+    (QuantizerConfig, {"kind": "lfq"}, "quantizer kind", "'vq', 'ema', 'fsq', 'rvq' or 'gumbel'"),
     (QuantizerConfig, {"ema_decay": 1.0}, "ema_decay", "in (0, 1)"),
     (QuantizerConfig, {"ema_decay": 0.0}, "ema_decay", "in (0, 1)"),
     (QuantizerConfig, {"ema_eps": 0.0}, "ema_eps", "> 0"),
     (QuantizerConfig, {"kmeans_iters": -1}, "kmeans_iters", ">= 0"),
     (QuantizerConfig, {"dead_code_steps": -1}, "dead_code_steps", ">= 0 (0 disables)"),
+    (QuantizerConfig, {"levels": (8, 1)}, "levels", "a list of integers >= 2, e.g. [8, 5, 5, 5]"),
+    (QuantizerConfig, {"levels": ()}, "levels", "a list of integers >= 2, e.g. [8, 5, 5, 5]"),
+    (QuantizerConfig, {"levels": 8}, "levels", "a list of integers >= 2, e.g. [8, 5, 5, 5]"),
+    (QuantizerConfig, {"levels": (8.0, 5)}, "levels", "a list of integers >= 2, e.g. [8, 5, 5, 5]"),
+    (QuantizerConfig, {"stages": 0}, "stages", "at least 1"),
+    (QuantizerConfig, {"temperature": 0.0}, "temperature", "> 0"),
+    (QuantizerConfig, {"temperature_end": 2.0}, "temperature_end", "in (0, temperature=1.0]"),
+    (QuantizerConfig, {"temperature_end": 0.0}, "temperature_end", "in (0, temperature=1.0]"),
+    (QuantizerConfig, {"kl_weight": -1.0}, "kl_weight", ">= 0"),
+    (QuantizerConfig, {"kl_warmup": 1.5}, "kl_warmup", "in [0, 1] (a fraction of training)"),
     (ModelConfig, {"in_channels": 0}, "in_channels", "at least 1"),
     (ModelConfig, {"hidden": 0}, "hidden", "at least 1"),
     (ModelConfig, {"res_hidden": 0}, "res_hidden", "at least 1"),
@@ -32,6 +42,7 @@ BAD = [
     (ModelConfig, {"downsample": 0}, "downsample", "a power of 2 (1, 2, 4, 8, ...)"),
     (ModelConfig, {"dims": 3}, "dims", "1 (sequences) or 2 (images)"),
     (ModelConfig, {"encoder_kernel": 2}, "encoder_kernel", "1, 3 or 5"),
+    (ModelConfig, {"model": "gan"}, "model", "'vqvae', 'ae', 'vae', 'dvae' or 'vqvae2'"),
     (PriorConfig, {"arch": "lstm"}, "arch", "'transformer' or 'pixelcnn'"),
     (PriorConfig, {"codebook_size": 1}, "codebook_size", "at least 2"),
     (PriorConfig, {"codebook_size": 512.0}, "codebook_size", "an integer"),
@@ -101,8 +112,13 @@ def test_boundary_values_are_accepted(cls, kwargs):
 NON_DEFAULT = [
     QuantizerConfig(codebook_size=64, code_dim=8, commitment_weight=0.5, kind="vq", ema_decay=0.9, ema_eps=1e-3,
                     kmeans_init=False, kmeans_iters=3, dead_code_steps=0),
+    QuantizerConfig(codebook_size=12, code_dim=2, kind="fsq", levels=(4, 3)),
+    QuantizerConfig(kind="rvq", stages=4),
+    QuantizerConfig(kind="gumbel", temperature=2.0, temperature_end=0.5, kl_weight=0.1, kl_warmup=0.0),
     ModelConfig(in_channels=3, hidden=32, res_hidden=16, res_blocks=1, downsample=8, dims=1, encoder_kernel=3,
                 quantizer=QuantizerConfig(codebook_size=16, kind="vq")),
+    ModelConfig(model="dvae", quantizer=QuantizerConfig(kind="gumbel")),
+    ModelConfig(model="vae"), ModelConfig(model="vqvae2", quantizer=QuantizerConfig(kind="rvq", stages=2)),
     PriorConfig(arch="pixelcnn", codebook_size=16, grid=(32,), num_classes=10, n_layer=2, n_head=1, n_embd=8,
                 dropout=0.1, dilated=False),
     PriorConfig(grid=(4, 6), dilated=True),
@@ -152,6 +168,49 @@ def test_missing_fields_take_their_defaults():
     assert from_dict(QuantizerConfig, {}) == QuantizerConfig()
     assert from_dict(ModelConfig, {"hidden": 8}) == ModelConfig(hidden=8)
     assert from_dict(TrainConfig, {"steps": 3}) == TrainConfig(steps=3)
+
+
+@pytest.mark.parametrize("kwargs,message", [
+    (dict(kind="fsq", levels=(8, 5, 5, 5), code_dim=16, codebook_size=1000),
+     "code_dim must be len(levels) = 4 for kind 'fsq', got 16"),
+    (dict(kind="fsq", levels=(8, 5, 5, 5), code_dim=4, codebook_size=512),
+     "codebook_size must be prod(levels) = 1000 for kind 'fsq', got 512"),
+])
+def test_fsq_sizes_must_follow_the_levels(kwargs, message):
+    with pytest.raises(ConfigError) as error:
+        QuantizerConfig(**kwargs)
+    assert str(error.value) == message
+    cfg = QuantizerConfig(kind="fsq", levels=[8, 5, 5, 5], code_dim=4, codebook_size=1000)
+    assert cfg.levels == (8, 5, 5, 5)  # a JSON list comes back as a tuple
+    assert from_dict(QuantizerConfig, to_dict(cfg)) == cfg
+    QuantizerConfig(levels=(2, 2), code_dim=16)  # other kinds do not use the levels
+
+
+@pytest.mark.parametrize("model,kind,message", [
+    ("dvae", "ema", "quantizer kind must be 'gumbel' for model 'dvae', got 'ema'"),
+    ("vqvae", "gumbel", "quantizer kind must be 'vq', 'ema', 'fsq' or 'rvq' for model 'vqvae' ('gumbel' is model "
+                        "'dvae'), got 'gumbel'"),
+    ("vqvae2", "gumbel", "quantizer kind must be 'vq', 'ema', 'fsq' or 'rvq' for model 'vqvae2' ('gumbel' is "
+                         "model 'dvae'), got 'gumbel'"),
+])
+def test_the_model_and_its_quantizer_kind_must_agree(model, kind, message):
+    with pytest.raises(ConfigError) as error:
+        ModelConfig(model=model, quantizer=QuantizerConfig(kind=kind))
+    assert str(error.value) == message
+    ModelConfig(model="dvae", quantizer=QuantizerConfig(kind="gumbel"))
+    for model in ("ae", "vae"):  # the continuous models use only code_dim
+        ModelConfig(model=model, quantizer=QuantizerConfig(kind="rvq"))
+
+
+def test_a_model_config_without_the_family_fields_is_the_vqvae_it_was():
+    old = {"in_channels": 1, "hidden": 8, "res_hidden": 4, "res_blocks": 1, "downsample": 4, "dims": 2,
+           "encoder_kernel": 1, "quantizer": {"codebook_size": 16, "code_dim": 4, "commitment_weight": 0.25,
+                                              "kind": "vq", "ema_decay": 0.99, "ema_eps": 1e-05,
+                                              "kmeans_init": True, "kmeans_iters": 10, "dead_code_steps": 0}}
+    cfg = from_dict(ModelConfig, old)
+    assert cfg.model == "vqvae" and cfg.quantizer.kind == "vq" and cfg.quantizer.stages == 1
+    assert {k: v for k, v in to_dict(cfg).items() if k in old and k != "quantizer"} == \
+        {k: v for k, v in old.items() if k != "quantizer"}
 
 
 def test_prior_config_without_dilated_is_an_old_file_and_loads_undilated():

@@ -369,3 +369,25 @@ def test_autocast_keeps_the_search_in_float32(use_kernel):
         q = vq(z_e)
     assert q.loss.dtype == torch.float32 and q.z_q.dtype == torch.float32
     assert torch.equal(q.codes, expected.codes) and torch.equal(q.z_q, expected.z_q)
+
+
+@pytest.mark.parametrize("cls", [VectorQuantizer, EMAVectorQuantizer])
+@pytest.mark.parametrize("channels_last", [False, True])
+def test_lookup_gives_the_z_q_of_the_codes(cls, channels_last):
+    torch.manual_seed(0)
+    vq = cls(16, 4, channels_last=channels_last).eval()
+    z = torch.randn(2, 3, 5, 4) if channels_last else torch.randn(2, 4, 3, 5)
+    q = vq(z)
+    assert torch.equal(vq.lookup(q.codes), q.z_q)
+
+
+def test_build_quantizer_builds_every_kind():
+    from vqvae.config import QuantizerConfig
+    from vqvae.quantizer_variants import FiniteScalarQuantizer, GumbelQuantizer, ResidualVectorQuantizer
+
+    expected = {"vq": VectorQuantizer, "ema": EMAVectorQuantizer, "fsq": FiniteScalarQuantizer,
+                "rvq": ResidualVectorQuantizer, "gumbel": GumbelQuantizer}
+    for kind, cls in expected.items():
+        sizes = dict(levels=(4, 4), code_dim=2, codebook_size=16) if kind == "fsq" else dict(codebook_size=16)
+        quantizer = build_quantizer(QuantizerConfig(kind=kind, **sizes))
+        assert type(quantizer) is cls and quantizer.codebook_size == 16

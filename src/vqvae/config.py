@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import dataclasses
 import json
+import math
 import numbers
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -21,6 +22,10 @@ def _check(cond: bool, name: str, allowed: str, value: Any) -> None:
         raise ConfigError(f"{name} must be {allowed}, got {value!r}")
 
 
+QUANTIZER_KINDS = ("vq", "ema", "fsq", "rvq", "gumbel")
+MODEL_KINDS = ("vqvae", "ae", "vae", "dvae", "vqvae2")
+
+
 @dataclass(frozen=True)
 class QuantizerConfig:
     """Codebook of `codebook_size` vectors of size `code_dim` and how it is learned.
@@ -29,6 +34,17 @@ class QuantizerConfig:
     averages of assigned encoder outputs, the paper's appendix). `kmeans_init` seeds the codebook by
     k-means on the first batch of encoder outputs; `dead_code_steps` > 0 re-seeds codes unused for that
     many steps from recent encoder outputs (0 disables).
+
+    The other kinds (quantizers.py):
+    - "fsq": finite scalar quantization with `levels` values per dimension and no learned codebook;
+      `code_dim` must be len(levels) and `codebook_size` prod(levels) (e.g. (8, 5, 5, 5): D 4, K 1000).
+    - "rvq": residual VQ, `stages` EMA quantizers (ema_*, kmeans_*, dead_code_steps apply to each) of
+      `codebook_size` codes, each quantizing what the previous ones left.
+    - "gumbel": the dVAE's Gumbel-softmax relaxation (only with model "dvae"): the encoder emits logits
+      over the K codes; the temperature falls from `temperature` to `temperature_end` (cosine in training
+      progress) and the weight of the KL to the uniform prior, in nats per input dimension next to the
+      per-pixel MSE, rises linearly from 0 to `kl_weight` over the first `kl_warmup` of training.
+    Fields that do not concern a kind (ema_* for "vq", levels for "ema", ...) are ignored by it.
     """
 
     codebook_size: int = 512
@@ -40,17 +56,38 @@ class QuantizerConfig:
     kmeans_init: bool = True
     kmeans_iters: int = 10
     dead_code_steps: int = 50
+    levels: tuple[int, ...] = (8, 5, 5, 5)
+    stages: int = 1
+    temperature: float = 1.0
+    temperature_end: float = 1 / 16
+    kl_weight: float = 0.05
+    kl_warmup: float = 0.05
 
     def __post_init__(self) -> None:
         _check(self.codebook_size >= 2, "codebook_size", "at least 2", self.codebook_size)
         _check(self.codebook_size <= 65536, "codebook_size", "at most 65536", self.codebook_size)
         _check(self.code_dim >= 1, "code_dim", "at least 1", self.code_dim)
         _check(self.commitment_weight >= 0, "commitment_weight", ">= 0", self.commitment_weight)
-        _check(self.kind in ("vq", "ema"), "quantizer kind", "'vq' or 'ema'", self.kind)
+        _check(self.kind in QUANTIZER_KINDS, "quantizer kind", "'vq', 'ema', 'fsq', 'rvq' or 'gumbel'", self.kind)
         _check(0 < self.ema_decay < 1, "ema_decay", "in (0, 1)", self.ema_decay)
         _check(self.ema_eps > 0, "ema_eps", "> 0", self.ema_eps)
         _check(self.kmeans_iters >= 0, "kmeans_iters", ">= 0", self.kmeans_iters)
         _check(self.dead_code_steps >= 0, "dead_code_steps", ">= 0 (0 disables)", self.dead_code_steps)
+        ok = isinstance(self.levels, (tuple, list)) and len(self.levels) >= 1 and all(
+            isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 2 for n in self.levels)
+        _check(ok, "levels", "a list of integers >= 2, e.g. [8, 5, 5, 5]", self.levels)
+        object.__setattr__(self, "levels", tuple(int(n) for n in self.levels))  # JSON gives a list
+        _check(self.stages >= 1, "stages", "at least 1", self.stages)
+        _check(self.temperature > 0, "temperature", "> 0", self.temperature)
+        _check(0 < self.temperature_end <= self.temperature, "temperature_end",
+               f"in (0, temperature={self.temperature}]", self.temperature_end)
+        _check(self.kl_weight >= 0, "kl_weight", ">= 0", self.kl_weight)
+        _check(0 <= self.kl_warmup <= 1, "kl_warmup", "in [0, 1] (a fraction of training)", self.kl_warmup)
+        if self.kind == "fsq":
+            _check(self.code_dim == len(self.levels), "code_dim", f"len(levels) = {len(self.levels)} for kind 'fsq'",
+                   self.code_dim)
+            K = math.prod(self.levels)
+            _check(self.codebook_size == K, "codebook_size", f"prod(levels) = {K} for kind 'fsq'", self.codebook_size)
 
 
 @dataclass(frozen=True)
@@ -60,6 +97,12 @@ class ModelConfig:
     `dims` is 2 for images (B, C, H, W) and 1 for sequences (B, C, T). `encoder_kernel` is the size of
     the encoder's convolutions after the strided ones: 3 as in the paper, 1 for codes that each describe
     only their own neighbourhood (a far more predictable code grid for the prior).
+
+    `model` picks the family member built on the same encoder and decoder (models.py): "vqvae" (the
+    default, any quantizer kind but "gumbel"), "ae" (a deterministic bottleneck of `quantizer.code_dim`
+    channels), "vae" (a Gaussian posterior of that many channels), "dvae" (quantizer kind "gumbel"),
+    "vqvae2" (a top and a bottom code grid, two quantizers of the same config). "ae" and "vae" use only
+    `quantizer.code_dim`. A config saved without `model` is a VQ-VAE.
     """
 
     in_channels: int = 1
@@ -70,6 +113,7 @@ class ModelConfig:
     dims: int = 2
     encoder_kernel: int = 1
     quantizer: QuantizerConfig = field(default_factory=QuantizerConfig)
+    model: str = "vqvae"
 
     def __post_init__(self) -> None:
         _check(self.in_channels >= 1, "in_channels", "at least 1", self.in_channels)
@@ -80,6 +124,12 @@ class ModelConfig:
         _check(ok, "downsample", "a power of 2 (1, 2, 4, 8, ...)", self.downsample)
         _check(self.dims in (1, 2), "dims", "1 (sequences) or 2 (images)", self.dims)
         _check(self.encoder_kernel in (1, 3, 5), "encoder_kernel", "1, 3 or 5", self.encoder_kernel)
+        _check(self.model in MODEL_KINDS, "model", "'vqvae', 'ae', 'vae', 'dvae' or 'vqvae2'", self.model)
+        if self.model == "dvae":
+            _check(self.quantizer.kind == "gumbel", "quantizer kind", "'gumbel' for model 'dvae'", self.quantizer.kind)
+        elif self.model in ("vqvae", "vqvae2"):
+            allowed = f"'vq', 'ema', 'fsq' or 'rvq' for model {self.model!r} ('gumbel' is model 'dvae')"
+            _check(self.quantizer.kind != "gumbel", "quantizer kind", allowed, self.quantizer.kind)
 
 
 @dataclass(frozen=True)

@@ -1,4 +1,5 @@
-"""Vector quantizers: `VectorQuantizer`, `EMAVectorQuantizer`, their output `Quantized`, `build_quantizer`.
+"""Vector quantizers: `VectorQuantizer`, `EMAVectorQuantizer`, their output `Quantized`, `build_quantizer`
+(which also builds the finite-scalar, residual and Gumbel quantizers of quantizer_variants.py).
 
 Key: B batch, D code dim, K codebook size, S spatial shape ((H, W) or (T,)), N = B * prod(S) vectors.
 
@@ -45,11 +46,13 @@ class Quantized:
     """What every quantizer returns; unpacks as the tuple (z_q, codes, loss).
 
     z_q: quantized latents carrying the straight-through gradient, shaped like the input: (B, D, *S), or
-        (B, *S, D) for a quantizer with channels_last.
-    codes: (B, *S) int64 indices into the codebook.
-    loss: scalar, codebook + beta * commitment (EMA quantizers: beta * commitment only).
+        (B, *S, D) for a quantizer with channels_last (the Gumbel quantizer takes logits (B, K, *S) and
+        returns (B, D, *S)).
+    codes: (B, *S) int64 indices into the codebook; residual VQ: (B, Q, *S), one code per stage.
+    loss: scalar, codebook + beta * commitment (EMA quantizers: beta * commitment only; residual VQ: the
+        sum over stages; FSQ: 0; Gumbel: kl_weight * KL to the uniform prior).
     stats: detached scalar tensors: "perplexity" (exp entropy of the batch's code use), "usage" (fraction
-        of codes used in the batch), "commitment" (mean |z_e - e|^2).
+        of codes used in the batch), "commitment" (mean |z_e - e|^2), and what a variant adds ("kl").
     """
 
     z_q: torch.Tensor
@@ -92,6 +95,11 @@ class VectorQuantizer(nn.Module):
     def embeddings(self) -> torch.Tensor:
         """The codebook (K, D) as used for lookup."""
         return self.codebook
+
+    def lookup(self, codes: torch.Tensor) -> torch.Tensor:
+        """codes (B, *S) -> their codebook vectors as z_q is laid out: (B, D, *S), or (B, *S, D) with
+        channels_last."""
+        return _lookup(self.embeddings, codes, self.channels_last)
 
     @torch.no_grad()
     def _set_codes(self, index: torch.Tensor, vectors: torch.Tensor) -> None:
@@ -218,14 +226,28 @@ class EMAVectorQuantizer(VectorQuantizer):
         super()._update(z, codes, counts)
 
 
-def build_quantizer(cfg: QuantizerConfig) -> VectorQuantizer:
-    """The quantizer a `QuantizerConfig` describes."""
+def build_quantizer(cfg: QuantizerConfig) -> nn.Module:
+    """The quantizer a `QuantizerConfig` describes (kind "vq", "ema", "fsq", "rvq" or "gumbel")."""
+    from .quantizer_variants import FiniteScalarQuantizer, GumbelQuantizer, ResidualVectorQuantizer
+
     common = dict(codebook_size=cfg.codebook_size, code_dim=cfg.code_dim,
                   commitment_weight=cfg.commitment_weight, kmeans_init=cfg.kmeans_init,
                   kmeans_iters=cfg.kmeans_iters, dead_code_steps=cfg.dead_code_steps)
     if cfg.kind == "ema":
         return EMAVectorQuantizer(decay=cfg.ema_decay, eps=cfg.ema_eps, **common)
+    if cfg.kind == "fsq":
+        return FiniteScalarQuantizer(cfg.levels)
+    if cfg.kind == "rvq":
+        return ResidualVectorQuantizer(cfg.stages, decay=cfg.ema_decay, eps=cfg.ema_eps, **common)
+    if cfg.kind == "gumbel":
+        return GumbelQuantizer(cfg.codebook_size, cfg.code_dim, temperature=cfg.temperature)
     return VectorQuantizer(**common)
+
+
+def _lookup(embeddings: torch.Tensor, codes: torch.Tensor, channels_last: bool = False) -> torch.Tensor:
+    """Rows of embeddings (K, D) at codes (B, *S) -> (B, D, *S), or (B, *S, D) with channels_last."""
+    e = embeddings[codes.long().to(embeddings.device)]  # (B, *S, D)
+    return e if channels_last else torch.movedim(e, -1, 1)
 
 
 def _distributed() -> bool:
