@@ -313,7 +313,7 @@ class Trainer:
 
         if not self.show_progress:
             return contextlib.nullcontext(), lambda step, fraction, live: None
-        if not self.console.is_terminal:
+        if not (self.console.is_terminal or self.console.is_jupyter):
             lines = _Lines(self.console, self.name, self.cfg.steps, self.progress_fraction())
             return contextlib.nullcontext(), lines.update
         columns = [TextColumn(f"[bold]{self.name}"), BarColumn(), TextColumn("step {task.fields[step]}"),
