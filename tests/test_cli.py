@@ -284,7 +284,10 @@ def test_outputs_never_collide_and_every_target_is_checked_first(run_dir, tmp_pa
     code, _, err = run(capsys, "encode", run_dir, *pair, "-o", tmp_path / "codes.npz")
     assert code == 0, err
     code, _, err = run(capsys, "decode", run_dir, tmp_path / "codes.npz", "-o", tmp_path / "dec")
-    _one_line_error(code, err, "x.png and x.png would both be written")  # two entries named x.png
+    assert code == 0, err  # names stored in the file cannot be changed by the user: made unique
+    assert sorted(os.listdir(tmp_path / "dec")) == ["x-2.png", "x.png"]
+    code, _, err = run(capsys, "decode", run_dir, tmp_path / "codes.npz", "-o", tmp_path / "dec")
+    _one_line_error(code, err, "x.png: exists; pass --force to replace it")
     code, _, err = run(capsys, "encode", run_dir, pair[0], "-o", tmp_path / "codes.npz")
     _one_line_error(code, err, "codes.npz: exists; pass --force to replace it")
     code, _, err = run(capsys, "encode", run_dir, pair[0], "-o", tmp_path / "codes.npz", "--force")
@@ -405,19 +408,30 @@ def test_refusals_name_the_file_not_its_position(prior_run, tmp_path, capsys):
     _one_line_error(code, err, "small.png: 30x30 is 900 pixels, more than the limit of 899")
 
 
-def test_threads_option_sets_torch_threads(run_dir, capsys, monkeypatch):
+def test_threads_option_sets_torch_threads(tmp_path, capsys, monkeypatch):
     import torch
 
     from vqvae import train
 
     before = torch.get_num_threads()
-    try:
-        code, _, _ = run(capsys, "--threads", "2", "eval", run_dir, "--json")
-        assert code == 0 and torch.get_num_threads() == 2
+    try:  # set before any command runs (this one then fails fast: no such run)
+        code, _, _ = run(capsys, "--threads", "2", "eval", tmp_path / "none")
+        assert code == 2 and torch.get_num_threads() == 2
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
         monkeypatch.setattr(train, "usable_cpus", lambda: 2)
         monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))  # a busy 2-core machine
-        code, _, _ = run(capsys, "eval", run_dir, "--json")
-        assert code == 0 and torch.get_num_threads() == 1
+        code, _, _ = run(capsys, "eval", tmp_path / "none")
+        assert code == 2 and torch.get_num_threads() == 1
     finally:
         torch.set_num_threads(before)
+
+
+def test_an_unexpected_end_of_file_is_an_error_not_a_silent_interrupt(run_dir, capsys, monkeypatch):
+    """click turns EOFError into Abort (exit 130, nothing said, as for Ctrl-C); whatever file ends early,
+    the command says so in one line and exits with 2."""
+    def cut_short(*args, **kwargs):
+        raise EOFError("Ran out of input")
+
+    monkeypatch.setattr("vqvae.evaluate_run", cut_short)
+    code, _, err = run(capsys, "eval", run_dir)
+    _one_line_error(code, err, "a file ended early (Ran out of input)")

@@ -417,6 +417,8 @@ def test_outputs_that_would_collide_or_fail_are_refused_before_writing(tmp_path)
     with pytest.raises(DataError, match="no usable file name"):
         output_paths(["", "b.png"], tmp_path / "out", ".png")
     assert output_paths([a], tmp_path / "one.png", ".png") == [tmp_path / "one.png"]
+    assert output_paths(["x.png", "y.png", "x.jpg", "x"], tmp_path, ".png", unique=True) == [
+        tmp_path / "x.png", tmp_path / "y.png", tmp_path / "x-2.png", tmp_path / "x-3.png"]
     assert not (tmp_path / "out").exists()  # nothing created
 
 

@@ -170,6 +170,7 @@ def two_runs(tmp_path_factory):
     return _tiny_run(base / "a"), _tiny_run(base / "b"), _tiny_run(base / "wide", hidden=16)
 
 
+@pytest.mark.filterwarnings("ignore:Detected pickle protocol")  # the hand-made pickles below
 def test_resume_refuses_bad_or_foreign_states_and_leaves_the_log_alone(two_runs, tmp_path):
     import os
     import pickle
@@ -192,6 +193,7 @@ def test_resume_refuses_bad_or_foreign_states_and_leaves_the_log_alone(two_runs,
         "pickle": (pickle.dumps([1, 2]), "not a training state"),
         "no keys": (_saved({"step": 3}), "no valid 'optimizer'"),
         "list": (_saved([1, 2]), "expected a dict"),
+        "identity": (_saved({**torch.load(a / "train_state.pt", weights_only=True), "identity": 5}), "'identity'"),
         "another run": ((b / "train_state.pt").read_bytes(), "belongs to another run"),
         "another model": ((wide / "train_state.pt").read_bytes(), "belongs to another run"),
     }

@@ -175,13 +175,14 @@ def decode(run: Path = RunArg,
            codes: Path = typer.Argument(..., help="A .npz file written by `vqvae encode`."),
            output: Path = typer.Option(..., "-o", "--output",
                                        help="One code grid: the output image (or a directory). Several: a "
-                                            "directory, one image per grid named after its source file."),
+                                            "directory, one image per grid named after its source file "
+                                            "(x.png, x-2.png, ... where sources share a name)."),
            force: bool = ForceOpt) -> None:
     """Code grids (.npz from `vqvae encode`) -> images, at the encoded images' sizes."""
     model = Run(run).model()
     entries = vqvae.load_codes(codes, model.cfg.quantizer.codebook_size, model.cfg.dims, model.cfg.downsample)
     names = [name for name, _, _ in entries]
-    targets = output_paths(names, output, ".png")
+    targets = output_paths(names, output, ".png", unique=True)
     check_outputs(targets, force, sources=names)
     for (name, grid, size), target in zip(entries, targets):
         vqvae.save_image(model.decode(grid[None], size)[0], target)

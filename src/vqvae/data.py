@@ -327,21 +327,23 @@ def _write(path: Path, write) -> None:
         raise DataError(f"{path}: cannot write ({reason})") from None
 
 
-def output_paths(inputs: list[str | Path], output: str | Path, suffix: str) -> list[Path]:
+def output_paths(inputs: list[str | Path], output: str | Path, suffix: str, unique: bool = False) -> list[Path]:
     """Where the outputs for `inputs` (file names) go: with one input and an `output` that has a suffix,
-    that file; otherwise the directory `output`, holding each input's stem + `suffix`. Creates nothing;
-    pass the result to `check_outputs`."""
+    that file; otherwise the directory `output`, holding each input's stem + `suffix`. With `unique`, a
+    stem seen before gets "-2", "-3", ... (names stored in a file, which the user cannot rename); without,
+    `check_outputs` refuses the collision. Creates nothing; pass the result to `check_outputs`."""
     output = Path(output)
     if len(inputs) == 1 and output.suffix:
         return [output]
     if output.exists() and not output.is_dir():
         raise DataError(f"{output}: exists and is not a directory; with several inputs -o must be a directory")
-    targets = []
+    targets, seen = [], {}
     for name in inputs:
         stem = Path(str(name)).stem
         if stem in ("", ".", "..") or "\0" in stem:
             raise DataError(f"{name!r}: no usable file name for an output in {output}")
-        targets.append(output / (stem + suffix))
+        seen[stem] = seen.get(stem, 0) + 1
+        targets.append(output / (stem + (f"-{seen[stem]}" if unique and seen[stem] > 1 else "") + suffix))
     return targets
 
 

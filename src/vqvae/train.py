@@ -156,7 +156,13 @@ def read_state(path: str | Path) -> dict:
         raise RunError(f"{bad} (its 'model' entry is not a dict of tensors)")
     if state["step"] < 0 or not math.isfinite(state["elapsed"]):
         raise RunError(f"{bad} (step {state['step']}, elapsed {state['elapsed']})")
-    return state
+    try:  # which run wrote it (a JSON object; absent before runs had ids)
+        identity = json.loads(state.get("identity", "{}"))
+    except (TypeError, ValueError):
+        identity = None
+    if not isinstance(identity, dict):
+        raise RunError(f"{bad} (its 'identity' entry is not a JSON object)")
+    return {**state, "identity": identity}
 
 
 def _checkpoint_hook(step: int) -> None:
@@ -241,7 +247,7 @@ class Trainer:
         """
         path = self.out_dir / STATE_NAME
         state = read_state(path)
-        saved = json.loads(state.get("identity", "{}") or "{}")
+        saved = state["identity"]
         for key in sorted(set(saved) & set(self.identity)):
             if saved[key] != self.identity[key]:
                 raise RunError(f"{path}: belongs to another run ({key} {saved[key]!r}, here {self.identity[key]!r}); "
