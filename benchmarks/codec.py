@@ -13,13 +13,10 @@ import argparse
 import json
 from pathlib import Path
 
-import torch
 
-from vqvae import baselines, codec
-from vqvae.autoencoders import VQVAE, read_run_config
-from vqvae.data import load_dataset, pad_to_multiple, unpad
+from vqvae import Run, baselines
+from vqvae.evaluate import reconstruct_dataset
 from vqvae.metrics import psnr
-from vqvae.priors import load_prior
 
 RESULTS = Path(__file__).parent / "results"
 
@@ -29,24 +26,19 @@ def main() -> None:
     parser.add_argument("run", nargs="?", default="runs/demo")
     parser.add_argument("--single", type=int, default=100, help="how many images to compress one file each")
     args = parser.parse_args()
-    run = Path(args.run)
-    model, prior = VQVAE.from_pretrained(run), load_prior(run / "prior")
-    test = load_dataset(read_run_config(run)["data"]["uri"]).test
-    padded, pad = pad_to_multiple(test, model.cfg.downsample)
-    x_hat = unpad(model.reconstruct(padded), pad)
+    run = Run(args.run)
+    model, test = run.model(), run.dataset().test
+    x_hat = reconstruct_dataset(model, test)
     quantized = (x_hat * 255).round() / 255  # what a decoded PNG of the output holds
     model_psnr = float(psnr(quantized, test).mean())
-    counts = torch.bincount(torch.from_numpy(__import__("numpy").load(run / "codes" / "train.npy")).long().flatten(),
-                            minlength=model.cfg.quantizer.codebook_size)
 
     rows = []
     for coder in ("range", "huffman"):
-        data, stats = codec.compress(model, prior if coder == "range" else None, list(test), coder=coder,
-                                     code_counts=counts)
+        data, stats = run.compress(list(test), coder)
         rows.append({"format": f"vqz-{coder} (one file of {len(test)}, payload)", "quality": None,
                      "bits_per_image": 8 * stats["payload_bytes"] / len(test), "psnr": model_psnr,
                      "cross_entropy_bits_per_image": stats["cross_entropy_bits"] / len(test)})
-    single = [len(codec.compress(model, prior, [x])[0]) for x in test[:args.single]]
+    single = [len(run.compress([x])[0]) for x in test[:args.single]]
     rows.append({"format": f"vqz-range (one file per image, first {args.single})", "quality": None,
                  "bits_per_image": 8 * sum(single) / len(single), "psnr": model_psnr})
     classical = baselines.sweep(test)

@@ -43,7 +43,10 @@ def test_prior_figures_and_likelihood(tiny_run):
 
 def test_evaluate_run_has_every_figure(tiny_run):
     figures = evaluate_run(Run(tiny_run))
-    assert {"psnr", "ssim", "mse", "perplexity", "codes_used", "nll_bits_per_latent", "bits_per_dim"} <= set(figures)
+    assert {"psnr", "ssim", "mse", "perplexity", "codes_used", "nll_bits_per_latent", "integer_bits_per_latent",
+            "bits_per_dim"} <= set(figures)
+    # the integer model (what the range coder pays) stays within 2% of the float prior
+    assert figures["integer_bits_per_latent"] == pytest.approx(figures["nll_bits_per_latent"], rel=0.02)
     other = evaluate_run(Run(tiny_run), "digits")  # 8x8 digits: another code grid, so no prior figures
     assert other["images"] == 1797 // 10 and "bits_per_dim" not in other
 

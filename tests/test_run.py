@@ -12,7 +12,7 @@ from vqvae.run import Run
 
 def test_layout_and_loaders(tiny_run):
     run = Run(tiny_run)
-    assert run.exists() and run.has_prior()
+    assert run.exists() and run.has_prior() and run.has_integer_prior()  # `train_prior` makes both
     assert run.data_uri == "mnist" and run.num_classes == 10
     assert isinstance(run.model(), VQVAE) and isinstance(run.prior(), Prior)
     assert run.model() is run.model()  # read once per Run object
@@ -72,6 +72,28 @@ def test_errors_name_the_file_and_the_command(tmp_path, tiny_run):
     (bare / "config.json").write_text(json.dumps({"model": json.loads((bare / "config.json").read_text())["model"]}))
     with pytest.raises(RunError, match="no data section"):
         Run(bare).data_uri
+
+
+def test_integer_prior_is_made_once_for_a_run_without_one(tiny_run, tmp_path):
+    import shutil
+
+    from vqvae.integer_priors import IntegerPrior
+
+    copy = tmp_path / "run"
+    shutil.copytree(tiny_run, copy)
+    shutil.rmtree(copy / "prior" / "integer")  # a prior trained before integer models existed
+    run = Run(copy)
+    assert not run.has_integer_prior()
+    made = run.integer_prior()
+    assert isinstance(made, IntegerPrior) and run.has_integer_prior()
+    codes = torch.from_numpy(np.load(copy / "codes" / "test.npy")[:4].astype(np.int64))
+    original = Run(tiny_run).integer_prior()
+    labels = torch.zeros(4, dtype=torch.long)
+    assert torch.equal(made.frequencies(codes, labels), original.frequencies(codes, labels))  # same calibration
+    (copy / "codes" / "train.npy").unlink()
+    shutil.rmtree(copy / "prior" / "integer")
+    with pytest.raises(RunError, match="train.npy: missing"):
+        Run(copy).integer_prior()
 
 
 # -- the lock ------------------------------------------------------------------------------------------------

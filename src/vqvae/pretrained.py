@@ -7,6 +7,7 @@ loading never unpickles code.
 
 from __future__ import annotations
 
+import hashlib
 import json
 from pathlib import Path
 
@@ -61,3 +62,14 @@ def load_weights(module: nn.Module, directory: str | Path, device: str | torch.d
     except Exception as e:  # safetensors raises its own error types for bad headers
         raise RunError(f"{weights}: cannot load weights ({str(e).splitlines()[0]})") from None
     return module.to(device).eval()
+
+
+def fingerprint(module: nn.Module, nbytes: int = 2) -> bytes:
+    """First `nbytes` of a sha256 over the state dict: per entry (sorted by name) the name, dtype and
+    shape, then the tensor's raw bytes. Same weights -> same bytes, whatever the device."""
+    digest = hashlib.sha256()
+    for name, tensor in sorted(module.state_dict().items()):
+        t = tensor.detach().cpu().contiguous()
+        digest.update(f"{name}\0{t.dtype}\0{tuple(t.shape)}\0".encode())
+        digest.update(t.reshape(-1).view(torch.uint8).numpy().tobytes())
+    return digest.digest()[:nbytes]

@@ -29,8 +29,7 @@ from . import pretrained
 from .config import PriorConfig, from_dict, to_dict
 from .errors import ConfigError, RunError
 from .nets import eval_mode
-
-from .pretrained import CONFIG_NAME, WEIGHTS_NAME  # noqa: F401 (re-exported)
+from .pretrained import CONFIG_NAME
 
 __all__ = [
     "DecodeState", "Prior", "TransformerPrior", "PixelCNNPrior",

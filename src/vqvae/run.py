@@ -248,13 +248,38 @@ class Run:
         return self._load("prior", device, lambda: load_prior(self.prior_dir, device))
 
     def integer_prior(self, device: str | torch.device = "cpu"):
-        """The prior's integer model: what the range coder uses (same results on every machine)."""
+        """The prior's integer model: what the range coder uses (same frequencies on every machine).
+        `vqvae prior` makes it; for a run whose prior predates integer models it is made here, once."""
         from .integer_priors import load_integer_prior
 
         if not self.has_integer_prior():
-            raise RunError(f"{self.integer_prior_dir}: no integer prior; train the prior with "
-                           f"`vqvae prior {self.path} --force` to make one")
+            self.quantize_prior()
         return self._load("integer_prior", device, lambda: load_integer_prior(self.integer_prior_dir, device))
+
+    def quantize_prior(self):
+        """Make the integer model of the run's prior, calibrated on the cached training codes, and save it
+        under prior/integer/ -> the IntegerPrior."""
+        from .data import read_npy
+        from .integer_priors import IntegerPrior
+
+        prior = self.prior()
+        arrays = {}
+        for name in ("train", "train_labels"):
+            path = self.codes_dir / f"{name}.npy"
+            try:
+                arrays[name] = torch.from_numpy(read_npy(path).astype(np.int64))
+            except (OSError, ValueError, DataError):
+                if name == "train" or prior.cfg.num_classes:
+                    raise RunError(f"{path}: missing or unreadable; rerun `vqvae prior {self.path} --force`") from None
+        codes = arrays["train"]
+        if tuple(codes.shape[1:]) != prior.cfg.grid:
+            raise RunError(f"{self.codes_dir / 'train.npy'}: code grids of shape {tuple(codes.shape[1:])}, the prior "
+                           f"models {prior.cfg.grid}; rerun `vqvae prior {self.path} --force`")
+        labels = arrays.get("train_labels") if prior.cfg.num_classes else None
+        integer = IntegerPrior.from_prior(prior, codes, labels)
+        integer.save_pretrained(self.integer_prior_dir)
+        self._loaded.pop(("integer_prior", str(torch.device("cpu"))), None)
+        return integer
 
     # -- cached codes --------------------------------------------------------------------------------
     def read_codes(self, key: dict) -> dict[str, torch.Tensor | None] | None:
@@ -320,8 +345,8 @@ class Run:
         if coder not in ("range", "huffman"):
             raise ConfigError(f"coder must be 'range' or 'huffman', got {coder!r}")
         model = self.model()
-        if coder == "range":
-            return codec.compress(model, self.prior(), images)
+        if coder == "range":  # labels (class-conditional priors) are chosen with the float prior: faster
+            return codec.compress(model, self.integer_prior(), images, label_prior=self.prior())
         return codec.compress(model, None, images, coder="huffman", code_counts=self.code_counts())
 
     def decompress(self, data: bytes) -> list[torch.Tensor]:
@@ -332,5 +357,5 @@ class Run:
         model = self.model()
         if header.coder == "huffman":
             return codec.decompress(model, None, data, code_counts=self.code_counts())
-        prior = self.prior() if getattr(header, "version", 1) == 1 else self.integer_prior()
+        prior = self.prior() if header.version == 1 else self.integer_prior()  # version 1: float priors
         return codec.decompress(model, prior, data)

@@ -33,7 +33,8 @@ from .autoencoders import VQVAE
 from .config import ModelConfig, TrainConfig, from_dict, to_dict, write_atomically, write_json
 from .data import load_dataset
 from .errors import ConfigError, RunError
-from .evaluate import encode_dataset, evaluate_autoencoder, likelihood, prior_figures
+from .evaluate import encode_dataset, evaluate_autoencoder, integer_prior_figures, likelihood, prior_figures
+from .pretrained import fingerprint
 from .run import Run
 
 STATE_NAME, METRICS_NAME = Run.STATE, Run.METRICS
@@ -483,8 +484,6 @@ def shifted(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
 
 def codes_key(model: VQVAE, shifts: int) -> dict:
     """What the cached codes depend on: the model's weights (fingerprint) and the shift setting."""
-    from .codec import fingerprint
-
     return {"model": fingerprint(model).hex(), "shifts": shifts}
 
 
@@ -515,11 +514,13 @@ def cached_codes(run: Run, model: VQVAE, shifts: int = 0) -> dict[str, torch.Ten
 def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConfig, shifts: int = 1,
                 resume: bool = False, force: bool = False, show_progress: bool = True,
                 console: Console | None = None) -> dict:
-    """Fit an autoregressive prior to the run's codes into RUN/prior/; returns held-out figures.
+    """Fit an autoregressive prior to the run's codes into RUN/prior/, and its integer model (what the range
+    coder uses) into RUN/prior/integer/; returns held-out figures.
 
-    Class-conditional when the dataset has labels. Figures: nll_bits_per_latent, uniform_bits_per_latent
-    (log2 K), nll_bits_per_image, plus the prior config. With `force`, an existing prior is deleted only
-    once the new one's codes and config are known to be good. The run directory is locked meanwhile.
+    Class-conditional when the dataset has labels. Figures: nll_bits_per_latent, integer_bits_per_latent,
+    uniform_bits_per_latent (log2 K), nll_bits_per_image, bits_per_dim, plus the prior config. With
+    `force`, an existing prior is deleted only once the new one's codes and config are known to be good.
+    The run directory is locked meanwhile.
     """
     from .priors import Prior, PriorConfig, build_prior
 
@@ -565,7 +566,9 @@ def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConf
     else:
         (out_dir / METRICS_NAME).unlink(missing_ok=True)
     trainer.fit()
+    integer = run.quantize_prior()  # the integer model the range coder uses, calibrated on these codes
     figures = prior_figures(prior, codes)
+    figures.update(integer_prior_figures(integer, codes["test"]))
     data = run.dataset()
     figures.update(likelihood(model, prior, data.train, data.test))
     return figures

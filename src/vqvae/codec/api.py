@@ -1,0 +1,278 @@
+"""compress / decompress: images -> VQ-VAE codes -> a `.vqz` file, and back.
+
+Key: C H W one image's channels and size, h w its latent grid, K codebook size, N codes in a file.
+
+The model is called in two functions only, `encode_image` and `decode_image`; the rest checks
+arguments, builds the header and hands the codes to a coder (entropy.py, huffman.py).
+"""
+
+from __future__ import annotations
+
+import math
+
+import numpy as np
+import torch
+from torch import Tensor
+
+from ..autoencoders import VQVAE
+from ..errors import CodecError
+from ..integer_priors import FORMAT_IDS, IntegerPrior
+from ..nets import eval_mode
+from ..pretrained import fingerprint
+from ..priors import Prior
+from . import entropy, huffman
+from .container import (CODERS, CRC_BYTES, MAX_IMAGES, MAX_INTEGER_MODEL, MAX_PIXELS, MAX_SIDE, VERSION, Header,
+                        counts_fingerprint, parse, seal)
+
+# ------------------------------------------------------------------------------------------------
+# The autoencoder
+# ------------------------------------------------------------------------------------------------
+
+
+def encode_image(model: VQVAE, x: Tensor) -> Tensor:
+    """One image (C, H, W) in [0, 1], any size -> its codes (h, w) int64 on the CPU (a batch of one)."""
+    return model.encode(x.to(model.device, torch.float32)[None]).codes[0].cpu()
+
+
+def decode_image(model: VQVAE, codes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Codes (h, w) -> the image (C, H, W) in [0, 1] at size (H, W), on the model's device (a batch of one)."""
+    return model.decode(codes[None].to(model.device), size)[0]
+
+
+def latent_shape(shape: tuple[int, int, int], factor: int) -> tuple[int, int]:
+    """The latent grid (h, w) of a (C, H, W) image: the format's ceil(H / f) x ceil(W / f)."""
+    return (-(-shape[1] // factor), -(-shape[2] // factor))
+
+
+# ------------------------------------------------------------------------------------------------
+# Checks at the boundary
+# ------------------------------------------------------------------------------------------------
+
+
+def _check_model(model: VQVAE) -> None:
+    if model.cfg.dims != 2:
+        raise CodecError(f".vqz files hold images: the model must be 2-D (dims=2), got dims={model.cfg.dims}")
+
+
+def _what(prior) -> str:
+    return "None" if prior is None else type(prior).__name__
+
+
+def _model_name(format_id: int) -> str:
+    known = FORMAT_IDS.get(format_id)
+    return f"integer model {format_id}" + (f", {known.__name__}" if known is not None else ", unknown to this vqvae")
+
+
+def _check_prior(model: VQVAE, prior: Prior | IntegerPrior) -> None:
+    K = model.cfg.quantizer.codebook_size
+    if prior.cfg.codebook_size != K:
+        raise CodecError(f"the prior models {prior.cfg.codebook_size} codes but the model's codebook has {K}")
+    if len(prior.cfg.grid) != 2:
+        raise CodecError(f"images need a prior over 2-D code grids, got grid={prior.cfg.grid}")
+
+
+def _check_counts(model: VQVAE, code_counts) -> np.ndarray:
+    K = model.cfg.quantizer.codebook_size
+    if code_counts is None:
+        raise CodecError(f"the Huffman coder needs code_counts: ({K},) integer code frequencies of the training set")
+    counts = torch.as_tensor(code_counts).detach().cpu()
+    if counts.dtype.is_floating_point or counts.dtype.is_complex or counts.dtype == torch.bool:
+        raise CodecError(f"code_counts must be integers, got {counts.dtype}")
+    if tuple(counts.shape) != (K,) or bool((counts < 0).any()):
+        raise CodecError(f"code_counts must be ({K},) non-negative integers, got shape {tuple(counts.shape)}")
+    return counts.numpy().astype(np.int64)
+
+
+def _check_images(model: VQVAE, images: list[Tensor]) -> list[tuple[int, int, int]]:
+    C = model.cfg.in_channels
+    if not isinstance(images, (list, tuple)) or not images:
+        raise CodecError("nothing to compress: expected a non-empty list of (C, H, W) image tensors")
+    if len(images) > MAX_IMAGES:
+        raise CodecError(f"at most {MAX_IMAGES} images fit in one .vqz file, got {len(images)}")
+    shapes = []
+    for i, x in enumerate(images):
+        if not isinstance(x, Tensor) or x.ndim != 3 or not x.dtype.is_floating_point:
+            what = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
+            raise CodecError(f"image {i}: expected a float (C, H, W) tensor in [0, 1], got {what}")
+        if x.shape[0] != C:
+            raise CodecError(f"image {i} has {x.shape[0]} channels, the model takes {C}")
+        if not (1 <= x.shape[1] <= MAX_SIDE and 1 <= x.shape[2] <= MAX_SIDE):
+            raise CodecError(f"image {i} is {x.shape[1]}x{x.shape[2]}; sides must be 1..{MAX_SIDE}")
+        shapes.append(tuple(int(s) for s in x.shape))
+    if sum(math.prod(s) for s in shapes) > MAX_PIXELS:
+        raise CodecError(f"at most {MAX_PIXELS} pixels fit in one .vqz file")
+    return shapes
+
+
+def _check_range_prior(model: VQVAE, prior, header: Header) -> None:
+    """The prior a range-coded file needs: the float prior for version 1, the integer prior that the
+    header names for version 2."""
+    if header.version == 1:
+        if not isinstance(prior, Prior):
+            raise CodecError(f"this version-1 .vqz file was range-coded with a float prior: decompress it with "
+                             f"that prior (load_prior), got {_what(prior)}")
+    elif not isinstance(prior, IntegerPrior):
+        raise CodecError(f"this .vqz file was range-coded with an integer prior ({_model_name(header.integer_model)}):"
+                         f" decompress it with that integer prior (load_integer_prior), got {_what(prior)}")
+    elif prior.format_id != header.integer_model:
+        raise CodecError(f"this .vqz file was range-coded with {_model_name(header.integer_model)}, "
+                         f"the given prior is {_model_name(prior.format_id)}")
+    _check_prior(model, prior)
+
+
+def _check_integer_prior(model: VQVAE, prior) -> None:
+    if isinstance(prior, Prior):
+        raise CodecError(f"new .vqz files are range-coded with an integer prior (IntegerPrior.from_prior), "
+                         f"whose frequencies are the same on every machine; got the float {type(prior).__name__}")
+    if not isinstance(prior, IntegerPrior):
+        raise CodecError(f"the range coder needs the integer prior (vqvae.integer_priors), got {_what(prior)}")
+    if not 1 <= prior.format_id <= MAX_INTEGER_MODEL:
+        raise CodecError(f"{type(prior).__name__} has format_id {prior.format_id}; .vqz headers hold 1..15")
+    _check_prior(model, prior)
+
+
+def _check_labels(labels, prior, coder: str, n: int) -> np.ndarray | None:
+    """Given labels -> (N,) int64; only for a class-conditional prior's range coder."""
+    if labels is None:
+        return None
+    num_classes = prior.cfg.num_classes if coder == "range" and prior is not None else 0
+    if num_classes == 0:
+        raise CodecError("labels are stored only for a class-conditional prior's range coder; pass labels=None")
+    array = np.asarray(labels)
+    ok = array.shape == (n,) and np.issubdtype(array.dtype, np.integer)
+    if not ok or not ((0 <= array) & (array < num_classes)).all():
+        values = f" in {array.min()}..{array.max()}" if ok else ""
+        raise CodecError(f"labels must be {n} integers in 0..{num_classes - 1} (one per image), "
+                         f"got {array.dtype} {array.shape}{values}")
+    return array.astype(np.int64)
+
+
+# ------------------------------------------------------------------------------------------------
+# compress / decompress
+# ------------------------------------------------------------------------------------------------
+
+
+@torch.no_grad()
+def compress(model: VQVAE, prior: IntegerPrior | None, images: list[Tensor], coder: str = "range",
+             code_counts: Tensor | None = None, labels=None, label_prior: Prior | None = None) -> tuple[bytes, dict]:
+    """Compress images into the bytes of one `.vqz` file (format version 2).
+
+    images: float (C, H, W) tensors in [0, 1], any sizes, C = model.cfg.in_channels; each is encoded on
+    its own (batch of one). coder "range" codes with `prior`, an integer prior (`IntegerPrior`: the same
+    frequencies on every machine; a float prior is refused); for a class-conditional prior each image
+    gets the class in `labels` ((N,) integers), or if None the class that gives it the fewest bits, stored
+    in the file: under `label_prior` (the float prior the integer one was made from: one full pass per
+    class, a fraction of the coding time) if given, else under the integer prior itself (about
+    num_classes times the coding time). The choice only needs to be good, not reproducible. coder "huffman" uses `code_counts`
+    ((K,) training-set code frequencies; the prior may be None). Returns (data, stats) with stats: bytes,
+    header_bytes, payload_bytes, crc_bytes, num_images, bits_per_image (whole file), cross_entropy_bits
+    (sum of -log2 p(code) under the exact integer probabilities the coder uses: the integer prior's,
+    or the smoothed code counts), overhead (bytes - cross_entropy_bits / 8), payload_overhead (the
+    same for the payload alone), coder, labels (list or None) and codes (list of (h, w) int64 code grids).
+    """
+    if coder not in CODERS:
+        raise CodecError(f"unknown coder {coder!r}; expected one of {', '.join(CODERS)}")
+    _check_model(model)
+    shapes = _check_images(model, images)
+    if coder == "range":
+        _check_integer_prior(model, prior)
+    else:
+        counts = _check_counts(model, code_counts)
+    labels = _check_labels(labels, prior, coder, len(images))
+    with eval_mode(model, prior):
+        codes = [encode_image(model, x) for x in images]  # (h, w) each
+        for i, (c, shape) in enumerate(zip(codes, shapes)):
+            assert tuple(c.shape) == latent_shape(shape, model.cfg.downsample), (i, tuple(c.shape), shape)
+        flat = np.concatenate([c.reshape(-1).numpy() for c in codes]).astype(np.int64)  # (N,)
+        if coder == "range":
+            source = entropy.IntegerPriorFrequencies(prior)
+            layout = entropy.make_layout([tuple(c.shape) for c in codes], source.hw)
+            if prior.cfg.num_classes > 0 and labels is None and label_prior is not None:
+                labels = entropy.best_labels_full_pass(label_prior, layout, flat, len(images))
+            elif prior.cfg.num_classes > 0 and labels is None:
+                labels = entropy.best_labels(source, layout, flat, len(images), prior.cfg.num_classes)
+            payload, bits = entropy.range_encode(source, layout, labels, flat)
+            second_fingerprint = fingerprint(prior)
+        else:
+            payload, bits = huffman.encode(counts, flat)
+            second_fingerprint = counts_fingerprint(counts)
+    header = Header(coder, fingerprint(model), second_fingerprint, tuple(shapes),
+                    None if labels is None else tuple(int(label) for label in labels), VERSION,
+                    prior.format_id if coder == "range" else 0)
+    data = seal(header, payload)
+    stats = {
+        "bytes": len(data),
+        "header_bytes": len(data) - len(payload) - CRC_BYTES,
+        "payload_bytes": len(payload),
+        "crc_bytes": CRC_BYTES,
+        "num_images": len(images),
+        "bits_per_image": 8 * len(data) / len(images),
+        "cross_entropy_bits": bits,
+        "overhead": len(data) - bits / 8,
+        "payload_overhead": len(payload) - bits / 8,
+        "coder": coder,
+        "labels": None if header.labels is None else list(header.labels),
+        "codes": codes,
+    }
+    return data, stats
+
+
+@torch.no_grad()
+def decompress_codes(model: VQVAE, prior: IntegerPrior | Prior | None, data: bytes,
+                     code_counts: Tensor | None = None) -> list[Tensor]:
+    """The code grids of a `.vqz` file's images: (h, w) int64 on the CPU, what `compress` coded.
+
+    Same arguments and checks as `decompress`, without running the autoencoder's decoder.
+    """
+    return _decode_codes(model, prior, data, code_counts)[1]
+
+
+def _decode_codes(model: VQVAE, prior, data: bytes, code_counts) -> tuple[Header, list[Tensor]]:
+    header, payload = parse(data)
+    _check_model(model)
+    if header.model_fingerprint != fingerprint(model):
+        raise CodecError(f"this .vqz file was made with another model (fingerprint "
+                         f"{header.model_fingerprint.hex()}, the given model's is {fingerprint(model).hex()})")
+    for i, shape in enumerate(header.shapes):
+        if shape[0] != model.cfg.in_channels:
+            raise CodecError(f"image {i} has {shape[0]} channels, the model makes {model.cfg.in_channels}")
+    latent_shapes = [latent_shape(shape, model.cfg.downsample) for shape in header.shapes]
+    with eval_mode(model, prior):
+        if header.coder == "range":
+            _check_range_prior(model, prior, header)
+            if header.prior_fingerprint != fingerprint(prior):
+                raise CodecError(f"this .vqz file was made with another prior (fingerprint "
+                                 f"{header.prior_fingerprint.hex()}, the given prior's is {fingerprint(prior).hex()})")
+            num_classes = prior.cfg.num_classes
+            if (header.labels is not None) != (num_classes > 0) or any(y >= num_classes for y in header.labels or ()):
+                raise CodecError(f"corrupted .vqz header: class labels {header.labels} do not fit a prior with "
+                                 f"num_classes={num_classes}")
+            labels = None if header.labels is None else np.array(header.labels, dtype=np.int64)
+            source = entropy.frequency_source(prior)
+            flat = entropy.range_decode(source, entropy.make_layout(latent_shapes, source.hw), labels, payload)
+        else:
+            counts = _check_counts(model, code_counts)
+            if header.prior_fingerprint != counts_fingerprint(counts):
+                raise CodecError(f"this .vqz file was Huffman-coded with other code counts (fingerprint "
+                                 f"{header.prior_fingerprint.hex()}, the given counts' is "
+                                 f"{counts_fingerprint(counts).hex()})")
+            flat = huffman.decode(counts, payload, sum(h * w for h, w in latent_shapes))
+    ends = np.cumsum([h * w for h, w in latent_shapes])
+    grids = [torch.from_numpy(part.reshape(shape)) for part, shape in zip(np.split(flat, ends[:-1]), latent_shapes)]
+    return header, grids
+
+
+@torch.no_grad()
+def decompress(model: VQVAE, prior: IntegerPrior | Prior | None, data: bytes,
+               code_counts: Tensor | None = None) -> list[Tensor]:
+    """The images of a `.vqz` file: (C, H, W) in [0, 1] at their original sizes, on the model's device.
+
+    Each is decoded on its own (a batch of one), so a result never depends on the other images in the
+    file. Range-coded files need their prior: the integer prior (`IntegerPrior`) whose format_id
+    `read_header(data).integer_model` names for version 2, the float prior for version 1
+    (`read_header(data).version`); Huffman files need `code_counts`. Raises CodecError for anything that
+    is not an intact .vqz file made with this model and this prior (or these code counts).
+    """
+    header, grids = _decode_codes(model, prior, data, code_counts)
+    with eval_mode(model):
+        return [decode_image(model, codes, shape[1:]) for codes, shape in zip(grids, header.shapes)]
