@@ -435,3 +435,10 @@ def test_an_unexpected_end_of_file_is_an_error_not_a_silent_interrupt(run_dir, c
     monkeypatch.setattr("vqvae.evaluate_run", cut_short)
     code, _, err = run(capsys, "eval", run_dir)
     _one_line_error(code, err, "a file ended early (Ran out of input)")
+
+
+def test_decompress_refuses_files_over_the_pixel_cap_before_decoding(prior_run, images, tmp_path, capsys):
+    assert run(capsys, "compress", prior_run, *images, "-o", tmp_path / "all.vqz")[0] == 0
+    code, _, err = run(capsys, "decompress", prior_run, tmp_path / "all.vqz", "-o", tmp_path / "out",
+                       "--max-pixels", "1000")
+    assert code == 2 and "more than 1,000" in err and not (tmp_path / "out").exists()

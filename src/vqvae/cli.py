@@ -279,13 +279,16 @@ def decompress(run: Path = RunArg,
                file: Path = typer.Argument(..., help="A .vqz file written by `vqvae compress`."),
                output: Path = typer.Option(..., "-o", "--output",
                                            help="One image: the output file. Several: a directory."),
-               force: bool = ForceOpt) -> None:
+               force: bool = ForceOpt, max_pixels: int = typer.Option(
+                   MAX_PIXELS, "--max-pixels", help="Refuse files whose images hold more pixels than this.")) -> None:
     """Decode a .vqz file back to images at their original sizes (several: 00000.png, 00001.png, ...)."""
     if not file.is_file():
         raise vqvae.CodecError(f"{file}: {'is a directory' if file.is_dir() else 'no such file'}")
-    decoded = Run(run).decompress(file.read_bytes())
-    targets = output_paths([f"{i:05d}.png" for i in range(len(decoded))], output, ".png")
+    data = file.read_bytes()
+    count = vqvae.read_header(data).num_images  # every target is checked before any work
+    targets = output_paths([f"{i:05d}.png" for i in range(count)], output, ".png")
     check_outputs(targets, force)
+    decoded = Run(run).decompress(data, max_pixels)
     for image, target in zip(decoded, targets):
         vqvae.save_image(image.cpu(), target)
     err.print(f"wrote {len(decoded)} image(s) to {_shown(output)}")

@@ -32,7 +32,7 @@ import numpy as np
 import torch
 
 from . import pretrained
-from .errors import ConfigError, DataError, RunError
+from .errors import CodecError, ConfigError, DataError, RunError
 
 CODE_SPLITS = ("train", "test", "train_labels", "test_labels")
 _held: dict[str, int] = {}  # run directories this process holds the lock of -> nesting depth
@@ -349,11 +349,18 @@ class Run:
             return codec.compress(model, self.integer_prior(), images, label_prior=self.prior())
         return codec.compress(model, None, images, coder="huffman", code_counts=self.code_counts())
 
-    def decompress(self, data: bytes) -> list[torch.Tensor]:
-        """The images of a .vqz file made with this run, at their sizes; the file says which prior it needs."""
+    def decompress(self, data: bytes, max_pixels: int | None = None) -> list[torch.Tensor]:
+        """The images of a .vqz file made with this run, at their sizes; the file says which prior it needs.
+        A file whose images hold more than `max_pixels` pixels in all is refused before any decoding."""
+        import math
+
         from . import codec
 
         header = codec.read_header(data)
+        pixels = sum(math.prod(shape[1:]) for shape in header.shapes)
+        if max_pixels is not None and pixels > max_pixels:
+            raise CodecError(f"the file holds {pixels:,} pixels, more than {max_pixels:,} "
+                                   "(--max-pixels raises the limit)")
         model = self.model()
         if header.coder == "huffman":
             return codec.decompress(model, None, data, code_counts=self.code_counts())
