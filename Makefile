@@ -15,8 +15,10 @@ $(VENV)/.installed: pyproject.toml
 
 install: $(VENV)/.installed
 
+# THREADS=0: the cores other work leaves idle (see the README); THREADS=N: N threads.
+THREADS ?= 0
 demo: install
-	$(BIN)/vqvae demo
+	$(BIN)/vqvae --threads $(THREADS) demo
 
 test: install
 	$(BIN)/python -m pytest

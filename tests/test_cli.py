@@ -243,3 +243,202 @@ def test_eval_on_other_data(run_dir, capsys):
     assert code == 0 and json.loads(out)["images"] == 1797 // 10
     code, _, err = run(capsys, "eval", run_dir, "--data", "cifar10")
     assert code == 2 and "cifar10" in err
+
+
+# -- nothing lost by ordinary mistakes ------------------------------------------------------------------------
+
+
+def _one_line_error(code, err, needle):
+    assert code == 2, err
+    assert needle in err, err
+    assert err.strip().count("\n") == 0 and "Traceback" not in err, err
+
+
+def test_demo_replaces_only_a_run_or_an_empty_directory(tmp_path, capsys, monkeypatch):
+    thesis = tmp_path / "p"
+    thesis.mkdir()
+    (thesis / "thesis.txt").write_text("four years")
+    code, _, err = run(capsys, "demo", "--out", thesis, "--steps", "20", "--prior-steps", "5")
+    _one_line_error(code, err, "holds files that are not part of a vqvae run (thesis.txt)")
+    assert (thesis / "thesis.txt").read_text() == "four years" and sorted(os.listdir(thesis)) == ["thesis.txt"]
+    monkeypatch.chdir(thesis)
+    code, _, err = run(capsys, "demo", "--out", ".", "--force", "--steps", "20", "--prior-steps", "5")
+    _one_line_error(code, err, "is or contains the current directory")
+    assert sorted(os.listdir(thesis)) == ["thesis.txt"]
+    (tmp_path / "file").write_text("x")
+    code, _, err = run(capsys, "demo", "--out", tmp_path / "file")
+    _one_line_error(code, err, "exists and is not a directory")
+
+
+def test_outputs_never_collide_and_every_target_is_checked_first(run_dir, tmp_path, capsys):
+    (tmp_path / "a").mkdir()
+    (tmp_path / "b").mkdir()
+    rng = np.random.default_rng(1)
+    for folder in ("a", "b"):
+        Image.fromarray(rng.integers(0, 256, (28, 28), dtype=np.uint8)).save(tmp_path / folder / "x.png")
+    pair = [tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"]
+    code, _, err = run(capsys, "reconstruct", run_dir, *pair, "-o", tmp_path / "out")
+    _one_line_error(code, err, "a/x.png and ")
+    assert not (tmp_path / "out").exists()
+
+    code, _, err = run(capsys, "encode", run_dir, *pair, "-o", tmp_path / "codes.npz")
+    assert code == 0, err
+    code, _, err = run(capsys, "decode", run_dir, tmp_path / "codes.npz", "-o", tmp_path / "dec")
+    assert code == 0, err  # names stored in the file cannot be changed by the user: made unique
+    assert sorted(os.listdir(tmp_path / "dec")) == ["x-2.png", "x.png"]
+    code, _, err = run(capsys, "decode", run_dir, tmp_path / "codes.npz", "-o", tmp_path / "dec")
+    _one_line_error(code, err, "x.png: exists; pass --force to replace it")
+    code, _, err = run(capsys, "encode", run_dir, pair[0], "-o", tmp_path / "codes.npz")
+    _one_line_error(code, err, "codes.npz: exists; pass --force to replace it")
+    code, _, err = run(capsys, "encode", run_dir, pair[0], "-o", tmp_path / "codes.npz", "--force")
+    assert code == 0, err
+
+
+def test_compress_and_decompress_refuse_to_overwrite(prior_run, images, tmp_path, capsys):
+    out = tmp_path / "out.vqz"
+    out.write_bytes(b"an earlier file")
+    (tmp_path / "out.vqz.tmp").write_text("someone else's")
+    code, _, err = run(capsys, "compress", prior_run, *images, "-o", out)
+    _one_line_error(code, err, "out.vqz: exists; pass --force to replace it")
+    assert out.read_bytes() == b"an earlier file"
+    code, _, err = run(capsys, "compress", prior_run, *images, "-o", out, "--force")
+    assert code == 0, err
+    assert out.read_bytes()[:3] == b"VQZ" and (tmp_path / "out.vqz.tmp").read_text() == "someone else's"
+    (tmp_path / "dec" / "00001.png").mkdir(parents=True)  # a directory where the second image goes
+    code, _, err = run(capsys, "decompress", prior_run, out, "-o", tmp_path / "dec")
+    _one_line_error(code, err, "00001.png: is a directory")
+    assert sorted(os.listdir(tmp_path / "dec")) == ["00001.png"]  # not even the first image was written
+    (tmp_path / "plain").write_text("x")
+    code, _, err = run(capsys, "decompress", prior_run, out, "-o", tmp_path / "plain" / "dec")
+    _one_line_error(code, err, "plain is a file")
+    code, _, err = run(capsys, "sample", prior_run, "-n", "2", "-o", out)
+    _one_line_error(code, err, "out.vqz: exists")
+
+
+def test_paths_are_printed_as_they_are_not_as_markup(run_dir, tmp_path, capsys):
+    code, _, err = run(capsys, "reconstruct", run_dir, tmp_path / "scan [draft].png", "-o", tmp_path / "x.png")
+    _one_line_error(code, err, "scan [draft].png: no such file")
+    source = tmp_path / "in[b]" / "scan [draft].png"
+    source.parent.mkdir()
+    Image.new("L", (28, 28)).save(source)
+    target = tmp_path / "o[" / "]x.png"  # a path holding "[/]" once printed
+    code, _, err = run(capsys, "reconstruct", run_dir, source, "-o", target)
+    assert code == 0, err
+    assert target.is_file() and f"wrote {target}" in err
+
+
+def test_empty_damaged_or_impossible_inputs_are_one_line(run_dir, tmp_path, capsys):
+    import shutil
+    import torch
+
+    def copy(name):
+        path = tmp_path / name
+        shutil.copytree(run_dir, path)
+        return path
+
+    r = copy("empty_state")
+    (r / "train_state.pt").write_bytes(b"")  # used to end in a silent exit 130 (EOFError -> Abort)
+    code, _, err = run(capsys, "train", "--out", r, "--resume")
+    _one_line_error(code, err, "train_state.pt: not a training state written by vqvae (empty file)")
+    r = copy("cut_state")
+    (r / "train_state.pt").write_bytes((run_dir / "train_state.pt").read_bytes()[:300])
+    code, _, err = run(capsys, "train", "--out", r, "--resume")
+    _one_line_error(code, err, "train_state.pt: not a training state")
+    r = copy("list_config")
+    (r / "config.json").write_text("[]")
+    code, _, err = run(capsys, "train", "--out", r, "--resume")
+    _one_line_error(code, err, "config.json: not a vqvae run config (a JSON list, expected an object)")
+    r = copy("no_train")
+    config = json.loads((r / "config.json").read_text())
+    del config["train"]
+    (r / "config.json").write_text(json.dumps(config))
+    code, _, err = run(capsys, "train", "--out", r, "--resume")
+    _one_line_error(code, err, "config.json: no 'train' section")
+    config["model"]["hidden"] = 10**9
+    (r / "config.json").write_text(json.dumps(config))
+    code, _, err = run(capsys, "eval", r)
+    _one_line_error(code, err, "hidden must be at most 2048")
+
+    np.save(tmp_path / "flat.npy", np.zeros((20, 0, 8), np.uint8))
+    code, _, err = run(capsys, "train", "--data", f"npy:{tmp_path / 'flat.npy'}", "--out", tmp_path / "flat", *TINY)
+    _one_line_error(code, err, "flat.npy: expected shape")
+    assert not (tmp_path / "flat").exists()  # no untrained run directory left behind
+    np.save(tmp_path / "plain.npy", np.zeros((7, 7), np.int64))
+    code, _, err = run(capsys, "decode", run_dir, tmp_path / "plain.npy", "-o", tmp_path / "d")
+    _one_line_error(code, err, "plain.npy: not a codes file")
+    if not torch.cuda.is_available():
+        code, _, err = run(capsys, "train", "--data", "digits", "--device", "cuda", "--out", tmp_path / "gpu", *TINY)
+        _one_line_error(code, err, "device 'cuda': no CUDA GPU is usable here")
+        assert not (tmp_path / "gpu").exists()
+    (tmp_path / "ro").write_text("a file")
+    code, _, err = run(capsys, "reconstruct", run_dir, run_dir / "recon.png", "-o", tmp_path / "ro" / "x.png")
+    _one_line_error(code, err, "ro is a file")
+
+
+def test_empty_code_caches_are_one_line_or_made_again(prior_run, tmp_path, capsys):
+    import shutil
+
+    r = tmp_path / "run"
+    shutil.copytree(prior_run, r)
+    (r / "codes" / "train.npy").write_bytes(b"")
+    code, _, err = run(capsys, "compress", r, r / "recon.png", "-o", tmp_path / "x.vqz", "--coder", "huffman")
+    _one_line_error(code, err, "train.npy: not a readable .npy array")
+    old_prior = (r / "prior" / "model.safetensors").read_bytes()
+    code, _, err = run(capsys, "prior", r, "--force", "--steps", "2", *PRIOR_TINY, "--width", "9")
+    _one_line_error(code, err, "n_embd must be a positive multiple of n_head=2")
+    assert (r / "prior" / "model.safetensors").read_bytes() == old_prior  # --force deleted nothing
+    code, _, err = run(capsys, "prior", r, "--force", "--steps", "2", *PRIOR_TINY)
+    assert code == 0, err  # the emptied cache is made again
+    assert np.load(r / "codes" / "train.npy").shape == (4500, 7, 7)
+
+
+def test_refusals_name_the_file_not_its_position(prior_run, tmp_path, capsys):
+    wide = tmp_path / "wide.png"
+    Image.new("L", (100_000, 1)).save(wide)
+    code, _, err = run(capsys, "compress", prior_run, wide, "-o", tmp_path / "w.vqz")
+    _one_line_error(code, err, f"{wide} is 1x100000")
+    assert "image 0" not in err
+    bomb = tmp_path / "bomb.png"
+    Image.new("L", (9000, 9000)).save(bomb, optimize=True)
+    code, _, err = run(capsys, "reconstruct", prior_run, bomb, "-o", tmp_path / "b.png")
+    _one_line_error(code, err, "bomb.png: 9000x9000 is 81,000,000 pixels, more than the limit of 16,777,216")
+    small = tmp_path / "small.png"
+    Image.new("L", (30, 30)).save(small)
+    code, _, err = run(capsys, "reconstruct", prior_run, small, "-o", tmp_path / "s.png", "--max-pixels", "899")
+    _one_line_error(code, err, "small.png: 30x30 is 900 pixels, more than the limit of 899")
+
+
+def test_threads_option_sets_torch_threads(tmp_path, capsys, monkeypatch):
+    import torch
+
+    from vqvae import train
+
+    before = torch.get_num_threads()
+    try:  # set before any command runs (this one then fails fast: no such run)
+        code, _, _ = run(capsys, "--threads", "2", "eval", tmp_path / "none")
+        assert code == 2 and torch.get_num_threads() == 2
+        monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
+        monkeypatch.setattr(train, "usable_cpus", lambda: 2)
+        monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))  # a busy 2-core machine
+        code, _, _ = run(capsys, "eval", tmp_path / "none")
+        assert code == 2 and torch.get_num_threads() == 1
+    finally:
+        torch.set_num_threads(before)
+
+
+def test_an_unexpected_end_of_file_is_an_error_not_a_silent_interrupt(run_dir, capsys, monkeypatch):
+    """click turns EOFError into Abort (exit 130, nothing said, as for Ctrl-C); whatever file ends early,
+    the command says so in one line and exits with 2."""
+    def cut_short(*args, **kwargs):
+        raise EOFError("Ran out of input")
+
+    monkeypatch.setattr("vqvae.evaluate_run", cut_short)
+    code, _, err = run(capsys, "eval", run_dir)
+    _one_line_error(code, err, "a file ended early (Ran out of input)")
+
+
+def test_decompress_refuses_files_over_the_pixel_cap_before_decoding(prior_run, images, tmp_path, capsys):
+    assert run(capsys, "compress", prior_run, *images, "-o", tmp_path / "all.vqz")[0] == 0
+    code, _, err = run(capsys, "decompress", prior_run, tmp_path / "all.vqz", "-o", tmp_path / "out",
+                       "--max-pixels", "1000")
+    assert code == 2 and "more than 1,000" in err and not (tmp_path / "out").exists()

@@ -561,6 +561,32 @@ def test_crafted_headers_are_caught(model, prior, small_file):
         read_header(reseal(overlong + bytes(raw[flags + 2:]) + payload))
 
 
+def test_a_payload_too_short_for_its_claimed_size_is_refused_before_the_prior_runs(model, prior, monkeypatch):
+    """A 20-byte file claiming a 4096x4096 image: refused from its length, the prior never called."""
+    header = read_header(compress(model, prior, blobs(1))[0])
+    huge = dataclasses.replace(header, shapes=((1, 4096, 4096),))
+    monkeypatch.setattr(type(prior), "step", lambda *a: pytest.fail("the prior ran"))
+    with pytest.raises(CodecError, match="cannot hold"):
+        decompress(model, prior, reseal(huge.to_bytes()))  # no payload at all
+    # the bound is exact: each code costs at least -log2(1 - (K - 1) / 2**24) bits (1.3e-6 at K = 16)
+    assert codec.api._check_payload_length(huge, b"\0" * 4, 1 << 20, K) is None
+    with pytest.raises(CodecError, match="cannot hold"):
+        codec.api._check_payload_length(huge, b"\0" * 4, 1 << 20, 512)  # 46 bits at K = 512: two words
+
+
+def test_equal_shapes_have_one_encoding(model, prior):
+    """Equal shapes are written once (the uniform flag); the same shapes written one by one are refused."""
+    data, _ = compress(model, prior, blobs(2))
+    header = read_header(data)
+    raw = bytearray(header.to_bytes())
+    flags = 4 + 2 * container.FINGERPRINT_BYTES
+    assert raw[flags] & container.FLAG_UNIFORM
+    shape = bytes(raw[flags + 2:flags + 5])  # 1, 28, 28 as one-byte varints
+    spelled_out = bytes(raw[:flags]) + bytes([raw[flags] & ~container.FLAG_UNIFORM, 2]) + shape + shape
+    with pytest.raises(CodecError, match="uniform"):
+        read_header(reseal(spelled_out + data[header.header_bytes:-4]))
+
+
 def test_bad_images_and_arguments(model, prior):
     cases = [([], "nothing to compress"), ([torch.rand(3, 28, 28)], "3 channels"), ([torch.rand(28, 28)], "float"),
              ([torch.zeros(1, 28, 28, dtype=torch.uint8)], "float"), ([torch.rand(1, 0, 5)], "sides")]

@@ -28,7 +28,7 @@ BAD = [
     (QuantizerConfig, {"levels": ()}, "levels", "a list of integers >= 2, e.g. [8, 5, 5, 5]"),
     (QuantizerConfig, {"levels": 8}, "levels", "a list of integers >= 2, e.g. [8, 5, 5, 5]"),
     (QuantizerConfig, {"levels": (8.0, 5)}, "levels", "a list of integers >= 2, e.g. [8, 5, 5, 5]"),
-    (QuantizerConfig, {"stages": 0}, "stages", "at least 1"),
+    (QuantizerConfig, {"stages": 0}, "stages", "in 1..64"),
     (QuantizerConfig, {"temperature": 0.0}, "temperature", "> 0"),
     (QuantizerConfig, {"temperature_end": 2.0}, "temperature_end", "in (0, temperature=1.0]"),
     (QuantizerConfig, {"temperature_end": 0.0}, "temperature_end", "in (0, temperature=1.0]"),
@@ -160,8 +160,64 @@ def test_unknown_key_in_the_nested_quantizer_is_refused():
 def test_not_an_object_and_wrong_types_are_config_errors():
     with pytest.raises(ConfigError, match="PriorConfig must be a JSON object, got list"):
         from_dict(PriorConfig, [1, 2])
-    with pytest.raises(ConfigError, match="QuantizerConfig"):
-        from_dict(QuantizerConfig, {"codebook_size": "512"})  # "512" >= 2 is a TypeError inside
+    with pytest.raises(ConfigError, match="codebook_size must be an integer, got '512'"):
+        from_dict(QuantizerConfig, {"codebook_size": "512"})
+    with pytest.raises(ConfigError, match="QuantizerConfig must be a JSON object, got int"):
+        from_dict(ModelConfig, {"quantizer": 3})
+
+
+# What a hand-edited or hostile config.json can hold: wrong types and absurd sizes are ConfigErrors with the
+# field's name, before any layer is built (hidden 1.5 used to fail inside a convolution, hidden 10^9 in an
+# allocation).
+WRONG = [
+    (ModelConfig, "hidden", 1.5, "an integer"), (ModelConfig, "hidden", True, "an integer"),
+    (ModelConfig, "hidden", "64", "an integer"), (ModelConfig, "hidden", 10**9, "at most 2048"),
+    (ModelConfig, "res_hidden", 4096, "at most 2048"), (ModelConfig, "in_channels", 10**6, "at most 2048"),
+    (ModelConfig, "res_blocks", 1000, "at most 32"), (ModelConfig, "downsample", 2**20, "at most 256"),
+    (ModelConfig, "dims", 2.0, "an integer"), (ModelConfig, "encoder_kernel", None, "an integer"),
+    (QuantizerConfig, "code_dim", 10**6, "at most 2048"), (QuantizerConfig, "codebook_size", 16.0, "an integer"),
+    (QuantizerConfig, "commitment_weight", "0.25", "a finite number"),
+    (QuantizerConfig, "commitment_weight", float("nan"), "a finite number"),
+    (QuantizerConfig, "kmeans_init", 1, "true or false"), (QuantizerConfig, "dead_code_steps", 5.5, "an integer"),
+    (QuantizerConfig, "stages", 2.5, "an integer"), (QuantizerConfig, "stages", 10**6, "in 1..64"),
+    (QuantizerConfig, "temperature", "1", "a finite number"),
+    (QuantizerConfig, "kl_weight", float("inf"), "a finite number"),
+    (QuantizerConfig, "levels", [8, 10**6], "a list of integers >= 2, e.g. [8, 5, 5, 5]"),
+    (ModelConfig, "model", 3, "'vqvae', 'ae', 'vae', 'dvae' or 'vqvae2'"),
+    (PriorConfig, "n_layer", 10**6, "at most 64"), (PriorConfig, "n_embd", 2**20, "at most 4096"),
+    (PriorConfig, "grid", (10**6, 7), "sizes of at most 4096"), (PriorConfig, "num_classes", 10**9, "at most 65536"),
+    (PriorConfig, "codebook_size", 2**20, "at most 65536"),
+    (TrainConfig, "steps", 1.5, "an integer"), (TrainConfig, "batch_size", 10**9, "at most 65536"),
+    (TrainConfig, "lr", float("inf"), "a finite number"), (TrainConfig, "device", 0, "a string"),
+    (TrainConfig, "data", ["mnist"], "a string"), (TrainConfig, "seed", "0", "an integer"),
+]
+
+
+@pytest.mark.parametrize("cls,key,value,allowed", WRONG, ids=[f"{c.__name__}-{k}-{v!r}" for c, k, v, _ in WRONG])
+def test_wrong_types_and_absurd_sizes_are_refused_by_name(cls, key, value, allowed):
+    data = to_dict(cls())
+    data[key] = list(value) if isinstance(value, tuple) else value
+    with pytest.raises(ConfigError) as error:
+        from_dict(cls, data)
+    assert str(error.value) == f"{key} must be {allowed}, got {value!r}"
+
+
+def test_numbers_of_the_other_kind_are_converted_not_refused():
+    cfg = from_dict(TrainConfig, {"lr": 1, "max_seconds": 0, "steps": np.int64(5)})
+    assert type(cfg.lr) is float and type(cfg.max_seconds) is float and type(cfg.steps) is int
+    assert to_dict(cfg)["lr"] == 1.0
+
+
+def test_write_json_leaves_no_temp_file_and_the_usual_permissions(tmp_path):
+    import os
+
+    old = os.umask(0o022)
+    try:
+        write_json(tmp_path / "a.json", {"x": 1})
+    finally:
+        os.umask(old)
+    assert (tmp_path / "a.json").stat().st_mode & 0o777 == 0o644
+    assert [p.name for p in tmp_path.iterdir()] == ["a.json"]
 
 
 def test_missing_fields_take_their_defaults():

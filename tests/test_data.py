@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import os
+from pathlib import Path
+
 import numpy as np
 import pytest
 import torch
@@ -305,3 +308,157 @@ def test_a_missing_optional_dependency_is_named(monkeypatch):
             load_dataset("mnist")
     finally:
         data._mnist_arrays.cache_clear()
+
+
+# ---------------------------------------------------------------------------------------------- hostile files
+
+
+def _npy_claiming(path, shape, descr="|u1", payload=b"\0" * 100):
+    """An .npy file whose header claims `shape` but holds only `payload`."""
+    with open(path, "wb") as f:
+        np.lib.format.write_array_header_1_0(f, {"descr": descr, "fortran_order": False, "shape": shape})
+        f.write(payload)
+
+
+def test_npy_headers_are_checked_against_the_file_before_allocating(tmp_path):
+    _npy_claiming(tmp_path / "huge.npy", (10**6, 1000, 1000))
+    with pytest.raises(DataError, match=r"huge.npy: its header claims shape \(1000000, 1000, 1000\) of uint8 "
+                                        r"\(1,000,000,000,000 bytes\) but only 100 bytes follow"):
+        load_dataset(f"npy:{tmp_path / 'huge.npy'}")
+    _npy_claiming(tmp_path / "short.npy", (20, 8, 8), payload=b"\0" * 1279)  # one byte short
+    with pytest.raises(DataError, match="short.npy: its header claims"):
+        data.read_npy(tmp_path / "short.npy")
+    np.save(tmp_path / "objects.npy", np.array([{"a": 1}], dtype=object), allow_pickle=True)
+    with pytest.raises(DataError, match="objects.npy: holds Python objects"):
+        data.read_npy(tmp_path / "objects.npy")
+    np.save(tmp_path / "ok.npy", np.arange(12, dtype=np.int16).reshape(3, 4))
+    assert np.array_equal(data.read_npy(tmp_path / "ok.npy"), np.arange(12).reshape(3, 4))
+
+
+@pytest.mark.parametrize("shape", [(20, 0, 8), (20, 8, 0), (20, 0, 8, 3)])
+def test_npy_images_of_zero_size_are_refused(tmp_path, shape):
+    np.save(tmp_path / "flat.npy", np.zeros(shape, np.uint8))
+    with pytest.raises(DataError, match=r"flat.npy: expected shape .* N, H, W >= 1"):
+        load_dataset(f"npy:{tmp_path / 'flat.npy'}")
+
+
+def _zero_png(path, width, height):
+    Image.new("L", (width, height)).save(path, optimize=True)
+    return path
+
+
+def test_images_over_the_pixel_cap_are_refused_before_decoding(tmp_path):
+    bomb = _zero_png(tmp_path / "bomb.png", 9000, 9000)  # 81 megapixels in about 80 KB
+    assert bomb.stat().st_size < 200_000
+    with pytest.raises(DataError, match=r"bomb.png: 9000x9000 is 81,000,000 pixels, more than the limit of "
+                                        r"16,777,216 \(--max-pixels raises it\)"):
+        load_images([bomb])
+    small = _zero_png(tmp_path / "small.png", 300, 200)
+    with pytest.raises(DataError, match="small.png: 300x200 is 60,000 pixels, more than the limit of 59,999"):
+        load_images([small], max_pixels=59_999)
+    assert load_images([small], max_pixels=60_000)[0].shape == (1, 200, 300)
+
+
+def test_codes_files_that_are_not_what_encode_writes(tmp_path):
+    grids = [torch.randint(0, 16, (7, 7))]
+    save_codes(tmp_path / "good.npz", grids, [(28, 28)], ["a.png"], 16, 1)
+    np.save(tmp_path / "plain.npy", np.zeros((7, 7), np.int64))
+    np.savez(tmp_path / "no_size.npz", names=np.array(["a.png"]), codes_0=grids[0].numpy())
+    np.savez(tmp_path / "empty_grid.npz", names=np.array(["a.png"]), codes_0=np.zeros((0, 7), np.int64),
+             size_0=np.array([0, 28]))
+    np.savez(tmp_path / "huge_pad.npz", names=np.array(["a.png"]), codes_0=grids[0].numpy(),
+             pad_0=np.array([10**15, 3]))
+    np.savez(tmp_path / "size_1d.npz", names=np.array(["a.png"]), codes_0=grids[0].numpy(), size_0=np.array(28))
+    np.savez(tmp_path / "names_scalar.npz", names=np.array("a.png"), codes_0=grids[0].numpy())
+    np.savez(tmp_path / "names_numbers.npz", names=np.array([1.5]), codes_0=grids[0].numpy())
+    (tmp_path / "text.npz").write_text("not a zip")
+    import zipfile
+
+    with zipfile.ZipFile(tmp_path / "claims.npz", "w") as z:  # a member whose header claims 10^12 codes
+        with z.open("names.npy", "w") as f:
+            np.save(f, np.array(["a.png"]))
+        with z.open("codes_0.npy", "w") as f:
+            np.lib.format.write_array_header_1_0(f, {"descr": "<i8", "fortran_order": False, "shape": (10**6, 10**6)})
+    cases = {"plain.npy": "this is a single .npy array", "no_size.npz": "entry size_0 is missing",
+             "empty_grid.npz": "codes_0 is missing or not a 2-D code grid", "huge_pad.npz": "size_0",
+             "size_1d.npz": "size_0", "names_scalar.npz": "no 'names' list", "names_numbers.npz": "no 'names' list",
+             "text.npz": "not an .npz archive", "claims.npz": "entry codes_0: its header claims",
+             "missing.npz": "no such file"}
+    for name, needle in cases.items():
+        with pytest.raises(DataError) as error:
+            load_codes(tmp_path / name, 16, 2, 4)
+        assert needle in str(error.value) and name in str(error.value) and "\n" not in str(error.value), error.value
+    assert len(load_codes(tmp_path / "good.npz", 16, 2, 4)) == 1
+
+
+# ---------------------------------------------------------------------------------------------- outputs
+
+
+def test_outputs_that_would_collide_or_fail_are_refused_before_writing(tmp_path):
+    from vqvae.data import check_outputs, output_paths
+
+    a, b = tmp_path / "a" / "x.png", tmp_path / "b" / "x.png"
+    targets = output_paths([a, b], tmp_path / "out", ".png")
+    assert targets == [tmp_path / "out" / "x.png"] * 2
+    with pytest.raises(DataError, match=r"out/x.png: .*a/x.png and .*b/x.png would both be written here"):
+        check_outputs(targets, sources=[a, b])
+    (tmp_path / "exists.png").write_text("keep me")
+    with pytest.raises(DataError, match=r"exists.png: exists; pass --force to replace it"):
+        check_outputs([tmp_path / "exists.png"])
+    check_outputs([tmp_path / "exists.png"], force=True)
+    (tmp_path / "dir.png").mkdir()
+    with pytest.raises(DataError, match=r"dir.png: is a directory"):
+        check_outputs([tmp_path / "dir.png"], force=True)
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(DataError, match=r"file/sub/y.png: cannot be created, .*file is a file"):
+        check_outputs([tmp_path / "file" / "sub" / "y.png"])
+    with pytest.raises(DataError, match="exists and is not a directory"):
+        output_paths([a, b], tmp_path / "file", ".png")
+    with pytest.raises(DataError, match="no usable file name"):
+        output_paths(["", "b.png"], tmp_path / "out", ".png")
+    assert output_paths([a], tmp_path / "one.png", ".png") == [tmp_path / "one.png"]
+    assert output_paths(["x.png", "y.png", "x.jpg", "x"], tmp_path, ".png", unique=True) == [
+        tmp_path / "x.png", tmp_path / "y.png", tmp_path / "x-2.png", tmp_path / "x-3.png"]
+    assert not (tmp_path / "out").exists()  # nothing created
+
+
+@pytest.mark.skipif(not hasattr(os, "geteuid") or os.geteuid() == 0, reason="root may write anywhere")
+def test_a_read_only_directory_is_refused(tmp_path):
+    from vqvae.data import check_outputs
+
+    locked = tmp_path / "locked"
+    locked.mkdir(mode=0o555)
+    with pytest.raises(DataError, match="permission denied"):
+        check_outputs([locked / "x.png"])
+    with pytest.raises(DataError, match=r"x.png: cannot write"):
+        save_image(torch.zeros(1, 2, 2), locked / "x.png")
+
+
+def test_write_failures_are_one_line_and_leave_nothing(tmp_path):
+    (tmp_path / "file").write_text("x")
+    (tmp_path / "dir.png").mkdir()
+    targets = [tmp_path / "file" / "x.png", tmp_path / "dir.png"]
+    if Path("/proc/self").is_dir():
+        targets.append(Path("/proc/vqvae-test/x.png"))  # no one may create files there, root included
+    for target in targets:
+        with pytest.raises(DataError) as error:
+            save_image(torch.zeros(1, 2, 2), target)
+        assert str(error.value).startswith(f"{target}: cannot write (") and "\n" not in str(error.value)
+        with pytest.raises(DataError, match="cannot write"):
+            data.write_bytes(target, b"abc")
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["dir.png", "file"]
+
+
+def test_written_files_get_the_usual_permissions_and_unrelated_temp_files_survive(tmp_path):
+    (tmp_path / "out.vqz.tmp").write_text("someone else's")
+    old = os.umask(0o022)
+    try:
+        save_image(torch.zeros(1, 2, 2), tmp_path / "x.png")
+        data.write_bytes(tmp_path / "out.vqz", b"abc")
+        save_codes(tmp_path / "c.npz", [torch.zeros(2, 2, dtype=torch.long)], [(8, 8)], ["a"], 16, 1)
+    finally:
+        os.umask(old)
+    for name in ("x.png", "out.vqz", "c.npz"):
+        assert (tmp_path / name).stat().st_mode & 0o777 == 0o644, name
+    assert (tmp_path / "out.vqz.tmp").read_text() == "someone else's"
+    assert sorted(p.name for p in tmp_path.iterdir()) == ["c.npz", "out.vqz", "out.vqz.tmp", "x.png"]

@@ -199,7 +199,9 @@ def test_installed_wheel_builds_and_uses_the_kernel(tmp_path):
     assert Path(report["vqvae"]).resolve().parent == installed
     assert Path(report["source"]) == installed / "csrc" / "quantizer.cpp"
     assert Path(report["kernel"]).resolve().is_relative_to(extensions.resolve())  # built now, not from a cache
-    assert report["source"] in (extensions / "vqvae_quantizer" / "build.ninja").read_text()
+    build = Path(report["kernel"]).parent  # named by nearest.kernel_name(): keyed by source and environment
+    assert build.parent == extensions and build.name.startswith("vqvae_quantizer_")
+    assert report["source"] in (build / "build.ninja").read_text()
     # one step with the kernel: search, forward and backward; none with USE_KERNEL = False
     assert report["calls"] == ["nearest_codes", "gather_residual", "residual_backward"]
     assert report["same_codes"]

@@ -94,3 +94,166 @@ def test_integer_prior_is_made_once_for_a_run_without_one(tiny_run, tmp_path):
     shutil.rmtree(copy / "prior" / "integer")
     with pytest.raises(RunError, match="train.npy: missing"):
         Run(copy).integer_prior()
+
+
+# -- the lock ------------------------------------------------------------------------------------------------
+
+
+def test_a_second_process_is_refused_and_kill_9_releases_the_lock(tmp_path):
+    """Two processes never write one run: the second gets a one-line error naming the first's pid and
+    command; a holder killed with SIGKILL leaves its lock file but not its lock."""
+    import os
+    import subprocess
+    import sys
+
+    from vqvae.config import ModelConfig, QuantizerConfig, TrainConfig
+    from vqvae.train import train_autoencoder
+
+    path = tmp_path / "run"
+    holder_code = (f"import time\nfrom vqvae.run import Run\nwith Run({str(path)!r}).lock('vqvae train', create=True):\n"
+                   "    print('held', flush=True)\n    time.sleep(300)\n")
+    holder = subprocess.Popen([sys.executable, "-c", holder_code], stdout=subprocess.PIPE, text=True,
+                              env={**os.environ, "OMP_NUM_THREADS": "1"})
+    try:
+        assert holder.stdout.readline().strip() == "held"
+        message = rf"{path}: in use by process {holder.pid} \(vqvae train\) \(lock {path / '.lock'}\)"
+        with pytest.raises(RunError, match=message):
+            with Run(path).lock("vqvae prior"):
+                pass
+        tiny = ModelConfig(hidden=8, res_hidden=4, res_blocks=1, downsample=2,
+                           quantizer=QuantizerConfig(codebook_size=16, code_dim=4))
+        with pytest.raises(RunError, match=message):  # a second `train` into the same --out, or a --resume
+            train_autoencoder(tiny, TrainConfig(data="digits", steps=2), path, show_progress=False)
+        assert sorted(p.name for p in path.iterdir()) == [".lock"]  # it wrote nothing
+    finally:
+        holder.kill()
+        holder.wait()
+    assert (path / ".lock").exists()
+    with Run(path).lock("test") as run:
+        with run.lock("nested"):  # one process may take its own lock again
+            pass
+        assert f"process {os.getpid()} (test)" in (path / ".lock").read_text()
+    assert not (path / ".lock").exists()
+
+
+def test_lock_needs_the_directory_unless_asked_to_create_it(tmp_path):
+    with pytest.raises(RunError, match="no such directory"):
+        with Run(tmp_path / "missing").lock():
+            pass
+    assert not (tmp_path / "missing").exists()
+    (tmp_path / "file").write_text("x")
+    with pytest.raises(RunError, match="not a directory"):
+        with Run(tmp_path / "file").lock(create=True):
+            pass
+
+
+# -- replacing a directory -----------------------------------------------------------------------------------
+
+
+def test_clear_replaces_a_run_but_refuses_other_files(tmp_path, monkeypatch):
+    run = tmp_path / "run"
+    for name in ("config.json", "model.safetensors", "train_state.pt", "metrics.jsonl", "recon.png",
+                 ".model.safetensors.k2j3.tmp", "train_state.pt.tmp"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    for name in ("codes/train.npy", "prior/model.safetensors"):
+        (run / name).parent.mkdir(parents=True, exist_ok=True)
+        (run / name).write_text("x")
+    assert Run(run).foreign_entries() == []
+    Run(run).clear()
+    assert list(run.iterdir()) == []
+
+    thesis = tmp_path / "p"
+    thesis.mkdir()
+    (thesis / "thesis.txt").write_text("four years")
+    (thesis / "config.json").write_text("{}")
+    with pytest.raises(RunError, match=r"p: holds files that are not part of a vqvae run \(thesis.txt\)"):
+        Run(thesis).clear()
+    assert (thesis / "thesis.txt").read_text() == "four years"
+    monkeypatch.chdir(thesis)
+    with pytest.raises(RunError, match="current directory"):
+        Run(".").clear(force=True)
+    with pytest.raises(RunError, match="current directory"):
+        Run(tmp_path).clear(force=True)
+    monkeypatch.chdir(tmp_path)
+    Run(thesis).clear(force=True)
+    assert list(thesis.iterdir()) == []
+    Run(tmp_path / "missing").clear()  # nothing to replace
+
+
+# -- damaged files ------------------------------------------------------------------------------------------
+
+
+def _copy_model(tiny_run, path):
+    path.mkdir()
+    for name in ("config.json", "model.safetensors"):
+        (path / name).write_bytes((tiny_run / name).read_bytes())
+    return json.loads((path / "config.json").read_text())
+
+
+@pytest.mark.parametrize("edit,needle", [
+    (lambda c: [], "a JSON list, expected an object"),
+    (lambda c: {**c, "model": {**c["model"], "hidden": 1.5}}, "hidden must be an integer, got 1.5"),
+    (lambda c: {**c, "model": {**c["model"], "hidden": 10**9}}, "hidden must be at most 2048"),
+    (lambda c: {**c, "model": {**c["model"], "quantizer": [16]}}, "QuantizerConfig must be a JSON object"),
+    (lambda c: {**c, "model": {**c["model"], "res_blocks": "2"}}, "res_blocks must be an integer"),
+    (lambda c: {k: v for k, v in c.items() if k != "model"}, "no 'model' section"),
+])
+def test_a_damaged_config_is_one_line_naming_it(tiny_run, tmp_path, edit, needle):
+    config = _copy_model(tiny_run, tmp_path / "run")
+    (tmp_path / "run" / "config.json").write_text(json.dumps(edit(config)))
+    with pytest.raises(RunError) as error:
+        Run(tmp_path / "run").model()
+    assert needle in str(error.value) and "config.json" in str(error.value) and "\n" not in str(error.value)
+
+
+def test_a_damaged_data_section_is_one_line(tiny_run, tmp_path):
+    config = _copy_model(tiny_run, tmp_path / "run")
+    for data, needle in [(None, "no data section"), ([], "no data section"),
+                         ({"uri": "mnist", "num_classes": 1.5}, "num_classes must be an integer")]:
+        (tmp_path / "run" / "config.json").write_text(json.dumps({**config, "data": data}))
+        run = Run(tmp_path / "run")
+        with pytest.raises(RunError, match=needle):
+            run.data_uri if data is None or data == [] else run.num_classes
+
+
+def test_a_damaged_code_cache_is_made_again_not_trained_on(tmp_path):
+    from vqvae.config import write_json
+
+    run = Run(tmp_path)
+    good = {"train": torch.zeros(4, 2, 2, dtype=torch.int16), "test": torch.ones(2, 2, 2, dtype=torch.int16),
+            "train_labels": torch.arange(4), "test_labels": torch.arange(2)}
+    key = {"model": "ab", "shifts": 0}
+    run.write_codes(good, key)
+    assert run.read_codes(key) is not None
+    bad = {
+        "empty train": {"train": np.zeros((0, 2, 2), np.int16)},
+        "float codes": {"train": np.zeros((4, 2, 2), np.float32)},
+        "negative": {"test": -np.ones((2, 2, 2), np.int16)},
+        "labels of another length": {"train_labels": np.arange(3)},
+        "one dimension": {"test": np.zeros(5, np.int16)},
+    }
+    for name, arrays in bad.items():
+        run.write_codes(good, key)
+        for split, value in arrays.items():
+            np.save(run.codes_dir / f"{split}.npy", value)
+        write_json(run.codes_dir / "meta.json", key)
+        assert run.read_codes(key) is None, name
+    run.write_codes(good, key)
+    with open(run.codes_dir / "train.npy", "wb") as f:  # a header that claims 10^12 elements
+        np.lib.format.write_array_header_1_0(f, {"descr": "<i2", "fortran_order": False, "shape": (10**12,)})
+    assert run.read_codes(key) is None
+
+
+def test_code_counts_of_an_empty_or_damaged_file_are_one_line(tiny_run, tmp_path):
+    import shutil
+
+    shutil.copytree(tiny_run, tmp_path / "run")
+    run = Run(tmp_path / "run")
+    for content in (b"", b"\x93NUMPY garbage"):
+        (run.codes_dir / "train.npy").write_bytes(content)
+        with pytest.raises(RunError, match=r"train.npy: not a readable .npy array.*vqvae prior .* --force"):
+            run.code_counts()
+    np.save(run.codes_dir / "train.npy", np.zeros((0, 7, 7), np.int16))
+    with pytest.raises(RunError, match="not code grids"):
+        run.code_counts()

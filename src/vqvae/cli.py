@@ -1,30 +1,39 @@
 """The `vqvae` command: thin wrappers that parse arguments, call the public API and print what they wrote.
 
-Errors at the boundary (`VQVAEError`) become one line on stderr and exit code 2.
+Errors at the boundary (`VQVAEError`) become one line on stderr and exit code 2. Paths are printed with
+Rich markup escaped (a file may be called "scan [draft].png"). Outputs are checked before the first one is
+written: two outputs with one name, an existing file without --force, or a target that cannot be written
+are refused.
 """
 
 from __future__ import annotations
 
 import json
+import re
 import sys
 from pathlib import Path
 from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 import vqvae
 from vqvae import Run, VQVAEError
+from vqvae.data import MAX_PIXELS, check_outputs, output_paths
+from vqvae.train import set_threads
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Vector-quantized autoencoders: train, evaluate, encode to discrete codes, learn a prior, "
                        "sample, compress.")
 out = Console()
-err = Console(stderr=True)
+err = Console(stderr=True, soft_wrap=True)  # a long path stays on one line
 
 RunArg = typer.Argument(..., help="Run directory written by `vqvae train`.")
 ImagesArg = typer.Argument(..., help="Image files (PNG/JPEG, any size).")
+ForceOpt = typer.Option(False, "--force", help="Replace output files that exist.")
+MaxPixelsOpt = typer.Option(MAX_PIXELS, "--max-pixels", help="Refuse input images of more pixels than this.")
 
 
 def _version(value: bool) -> None:
@@ -35,33 +44,39 @@ def _version(value: bool) -> None:
 
 @app.callback()
 def _main(version: bool = typer.Option(False, "--version", callback=_version, is_eager=True,
-                                       help="Print the version and exit.")) -> None:
+                                       help="Print the version and exit."),
+          threads: int = typer.Option(0, "--threads", help="CPU threads for PyTorch. 0: OMP_NUM_THREADS if set, "
+                                                           "else the cores that other work leaves idle.")) -> None:
     """Vector-quantized autoencoders: train, evaluate, encode to discrete codes, learn a prior, sample, compress."""
+    set_threads(threads)
+
+
+def _shown(path) -> str:
+    """A path (or any text) to print through Rich: its markup escaped."""
+    return escape(str(path))
 
 
 def _print_figures(title: str, figures: dict, as_json: bool) -> None:
     if as_json:
         print(json.dumps(figures))
         return
-    table = Table(title=title, show_header=False)
+    table = Table(title=_shown(title), show_header=False)
     for key, value in figures.items():
         table.add_row(key, f"{value:.4f}" if isinstance(value, float) else str(value))
     out.print(table)
 
 
-def _load_inputs(paths: list[Path], channels: int) -> list:
+def _load_inputs(paths: list[Path], channels: int, max_pixels: int = MAX_PIXELS) -> list:
     """Image files as (C, H, W) tensors with the model's channel count (gray <-> RGB converted)."""
-    return [vqvae.to_channels(x, channels) for x in vqvae.load_images(paths)]
+    return [vqvae.to_channels(x, channels) for x in vqvae.load_images(paths, max_pixels)]
 
 
-def _output_paths(inputs: list[Path], output: Path, suffix: str) -> list[Path]:
-    """One input and -o with a suffix: that file. Otherwise -o is a directory of inputs' stems + suffix."""
-    if len(inputs) == 1 and output.suffix:
-        return [output]
-    if output.exists() and not output.is_dir():
-        raise vqvae.DataError(f"{output}: exists and is not a directory; with several inputs -o must be a directory")
-    output.mkdir(parents=True, exist_ok=True)
-    return [output / (p.stem + suffix) for p in inputs]
+def _naming_inputs(error: VQVAEError, paths: list[Path]) -> VQVAEError:
+    """The library counts images ("image 3 is ..."); the user gave files: name the file instead."""
+    match = re.match(r"image (\d+)\b", str(error))
+    if match and int(match.group(1)) < len(paths):
+        return type(error)(f"{paths[int(match.group(1))]}{str(error)[match.end():]}")
+    return error
 
 
 # -- the autoencoder ---------------------------------------------------------------------------------------
@@ -108,8 +123,9 @@ def train(
 def _train(model_cfg, train_cfg, out_dir: Path, resume: bool = False) -> dict:
     figures = vqvae.train_autoencoder(model_cfg, train_cfg, out_dir, resume=resume, console=err)
     run = Run(out_dir)
-    vqvae.save_reconstructions(run.model(), run.dataset().test, run.path / Run.RECON)
-    err.print(f"wrote {out_dir}/config.json, model.safetensors, metrics.jsonl, {Run.RECON}")
+    with run.lock("vqvae train"):
+        vqvae.save_reconstructions(run.model(), run.dataset().test, run.path / Run.RECON)
+    err.print(f"wrote {_shown(out_dir)}/config.json, model.safetensors, metrics.jsonl, {Run.RECON}")
     return figures
 
 
@@ -127,39 +143,50 @@ def evaluate(run: Path = RunArg,
 @app.command()
 def reconstruct(run: Path = RunArg, images: list[Path] = ImagesArg,
                 output: Path = typer.Option(..., "-o", "--output",
-                                            help="One input: the output image. Several: a directory.")) -> None:
+                                            help="One input: the output image. Several: a directory."),
+                force: bool = ForceOpt, max_pixels: int = MaxPixelsOpt) -> None:
     """Encode and decode images; outputs have the inputs' size and channels."""
+    targets = output_paths(images, output, ".png")
+    check_outputs(targets, force, sources=images)
     model = Run(run).model()
-    inputs = _load_inputs(images, model.cfg.in_channels)
-    for x, target in zip(inputs, _output_paths(images, output, ".png")):
+    inputs = _load_inputs(images, model.cfg.in_channels, max_pixels)
+    for x, target in zip(inputs, targets):
         vqvae.save_image(model.reconstruct(x[None])[0], target)
-        err.print(f"wrote {target}")
+        err.print(f"wrote {_shown(target)}")
 
 
 @app.command()
 def encode(run: Path = RunArg, images: list[Path] = ImagesArg,
-           output: Path = typer.Option(..., "-o", "--output", help="The .npz file of codes to write.")) -> None:
+           output: Path = typer.Option(..., "-o", "--output", help="The .npz file of codes to write."),
+           force: bool = ForceOpt, max_pixels: int = MaxPixelsOpt) -> None:
     """Images -> integer code grids, saved as .npz (codes_0, codes_1, ... with names and sizes)."""
+    check_outputs([output], force)
     model = Run(run).model()
-    encoded = [model.encode(x[None]) for x in _load_inputs(images, model.cfg.in_channels)]
+    encoded = [model.encode(x[None]) for x in _load_inputs(images, model.cfg.in_channels, max_pixels)]
     vqvae.save_codes(output, [e.codes[0] for e in encoded], [e.size for e in encoded], [p.name for p in images],
                      model.cfg.quantizer.codebook_size, model.cfg.in_channels)
     shapes = ", ".join("x".join(map(str, e.codes.shape[1:])) for e in encoded)
-    err.print(f"wrote {output}: {len(encoded)} code grid(s) of {shapes}, K={model.cfg.quantizer.codebook_size}")
+    err.print(f"wrote {_shown(output)}: {len(encoded)} code grid(s) of {shapes}, "
+              f"K={model.cfg.quantizer.codebook_size}")
 
 
 @app.command()
 def decode(run: Path = RunArg,
            codes: Path = typer.Argument(..., help="A .npz file written by `vqvae encode`."),
-           output: Path = typer.Option(..., "-o", "--output", help="Directory for the decoded images.")) -> None:
+           output: Path = typer.Option(..., "-o", "--output",
+                                       help="One code grid: the output image (or a directory). Several: a "
+                                            "directory, one image per grid named after its source file "
+                                            "(x.png, x-2.png, ... where sources share a name)."),
+           force: bool = ForceOpt) -> None:
     """Code grids (.npz from `vqvae encode`) -> images, at the encoded images' sizes."""
     model = Run(run).model()
     entries = vqvae.load_codes(codes, model.cfg.quantizer.codebook_size, model.cfg.dims, model.cfg.downsample)
-    output.mkdir(parents=True, exist_ok=True)
-    for name, grid, size in entries:
-        target = output / (Path(name).stem + ".png")
+    names = [name for name, _, _ in entries]
+    targets = output_paths(names, output, ".png", unique=True)
+    check_outputs(targets, force, sources=names)
+    for (name, grid, size), target in zip(entries, targets):
         vqvae.save_image(model.decode(grid[None], size)[0], target)
-        err.print(f"wrote {target}")
+        err.print(f"wrote {_shown(target)}")
 
 
 # -- the prior -----------------------------------------------------------------------------------------
@@ -203,7 +230,7 @@ def _prior(run: Path, steps: int, seed: int = 0, max_seconds: float = 0.0, devic
                      n_head=options["heads"], dropout=options["dropout"])
     figures = vqvae.train_prior(run, overrides, tcfg, shifts=options["shifts"], resume=resume, force=force,
                                 console=err)
-    err.print(f"wrote {Run(run).prior_dir}/config.json, model.safetensors, metrics.jsonl")
+    err.print(f"wrote {_shown(Run(run).prior_dir)}/config.json, model.safetensors, metrics.jsonl")
     return figures
 
 
@@ -214,12 +241,14 @@ def sample(run: Path = RunArg,
            top_k: Optional[int] = typer.Option(None, help="Sample only among the k most likely codes."),
            label: Optional[int] = typer.Option(None, help="Class to sample (class-conditional priors)."),
            seed: int = typer.Option(0),
-           output: Path = typer.Option(Path("samples.png"), "-o", "--output", help="The grid image to write.")) -> None:
+           output: Path = typer.Option(Path("samples.png"), "-o", "--output", help="The grid image to write."),
+           force: bool = ForceOpt) -> None:
     """Sample codes from the learned prior, decode them, and write a grid of images."""
+    check_outputs([output], force)
     r = Run(run)
     images, nrow = vqvae.sample_images(r.model(), r.prior(), n, label, temperature, top_k, seed)
     vqvae.save_grid(images, output, nrow=nrow, scale=2)
-    err.print(f"wrote {output}: {len(images)} samples" + (" (one row per class)" if nrow else ""))
+    err.print(f"wrote {_shown(output)}: {len(images)} samples" + (" (one row per class)" if nrow else ""))
 
 
 # -- compression ---------------------------------------------------------------------------------------
@@ -229,14 +258,19 @@ def sample(run: Path = RunArg,
 def compress(run: Path = RunArg, images: list[Path] = ImagesArg,
              output: Path = typer.Option(..., "-o", "--output", help="The .vqz file to write."),
              coder: str = typer.Option("range", help="range (the learned prior) or huffman (static code table)."),
-             as_json: bool = typer.Option(False, "--json", help="Print one JSON object of sizes.")) -> None:
+             as_json: bool = typer.Option(False, "--json", help="Print one JSON object of sizes."),
+             force: bool = ForceOpt, max_pixels: int = MaxPixelsOpt) -> None:
     """Compress one or many images into one .vqz file with the run's learned prior."""
+    check_outputs([output], force)
     r = Run(run)
-    data, stats = r.compress(_load_inputs(images, r.model().cfg.in_channels), coder)
+    try:
+        data, stats = r.compress(_load_inputs(images, r.model().cfg.in_channels, max_pixels), coder)
+    except VQVAEError as e:
+        raise _naming_inputs(e, images) from None
     vqvae.write_bytes(output, data)
     figures = {k: stats[k] for k in ("bytes", "header_bytes", "payload_bytes", "bits_per_image",
                                      "cross_entropy_bits", "overhead", "num_images", "coder")}
-    err.print(f"wrote {output}: {len(data)} bytes for {len(images)} image(s)")
+    err.print(f"wrote {_shown(output)}: {len(data)} bytes for {len(images)} image(s)")
     _print_figures(f"{output}", figures, as_json)
 
 
@@ -244,19 +278,20 @@ def compress(run: Path = RunArg, images: list[Path] = ImagesArg,
 def decompress(run: Path = RunArg,
                file: Path = typer.Argument(..., help="A .vqz file written by `vqvae compress`."),
                output: Path = typer.Option(..., "-o", "--output",
-                                           help="One image: the output file. Several: a directory.")) -> None:
-    """Decode a .vqz file back to images at their original sizes."""
+                                           help="One image: the output file. Several: a directory."),
+               force: bool = ForceOpt, max_pixels: int = typer.Option(
+                   MAX_PIXELS, "--max-pixels", help="Refuse files whose images hold more pixels than this.")) -> None:
+    """Decode a .vqz file back to images at their original sizes (several: 00000.png, 00001.png, ...)."""
     if not file.is_file():
-        raise vqvae.CodecError(f"{file}: no such file")
-    decoded = Run(run).decompress(file.read_bytes())
-    if len(decoded) == 1 and output.suffix:
-        targets = [output]
-    else:
-        output.mkdir(parents=True, exist_ok=True)
-        targets = [output / f"{i:05d}.png" for i in range(len(decoded))]
+        raise vqvae.CodecError(f"{file}: {'is a directory' if file.is_dir() else 'no such file'}")
+    data = file.read_bytes()
+    count = vqvae.read_header(data).num_images  # every target is checked before any work
+    targets = output_paths([f"{i:05d}.png" for i in range(count)], output, ".png")
+    check_outputs(targets, force)
+    decoded = Run(run).decompress(data, max_pixels)
     for image, target in zip(decoded, targets):
         vqvae.save_image(image.cpu(), target)
-    err.print(f"wrote {len(decoded)} image(s) to {output}")
+    err.print(f"wrote {len(decoded)} image(s) to {_shown(output)}")
 
 
 # -- everything at once ------------------------------------------------------------------------------------
@@ -265,18 +300,25 @@ DEMO_STEPS, DEMO_PRIOR_STEPS = 8000, 2000
 
 
 @app.command()
-def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Run directory to write (replaced)."),
+def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out",
+                                      help="Run directory to write; an earlier run there is replaced."),
          steps: int = typer.Option(DEMO_STEPS, help="VQ-VAE training steps (about 3 minutes on 2 CPU cores)."),
          prior_steps: int = typer.Option(DEMO_PRIOR_STEPS, help="Prior training steps (about 3 minutes)."),
-         seed: int = typer.Option(0)) -> None:
+         seed: int = typer.Option(0),
+         force: bool = typer.Option(False, "--force", help="Replace --out even if it holds files that are no "
+                                                           "part of a vqvae run (they are deleted).")) -> None:
     """The whole pipeline on the bundled MNIST digits: VQ-VAE, prior, samples, compression.
 
     Budgets are step counts, not seconds, so the figures are the same on a busy or a fast machine.
+    --out is replaced only if it is empty or holds a vqvae run (or with --force).
     """
-    import shutil
+    run = Run(out_dir)
+    with run.lock("vqvae demo", create=True):
+        run.clear(force)
+        _demo(out_dir, steps, prior_steps, seed)
 
-    if out_dir.exists():
-        shutil.rmtree(out_dir)
+
+def _demo(out_dir: Path, steps: int, prior_steps: int, seed: int) -> None:
     err.rule("1/4  VQ-VAE on 4,500 MNIST digits")
     figures = _train(vqvae.ModelConfig(), vqvae.TrainConfig(data="mnist", steps=steps, seed=seed), out_dir)
     _print_figures("held-out MNIST (500 digits)", figures, False)
@@ -286,7 +328,8 @@ def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out", help="Run dire
                    False)
 
     err.rule("3/4  samples")
-    sample(out_dir, n=60, temperature=1.0, top_k=None, label=None, seed=seed, output=out_dir / Run.SAMPLES)
+    sample(out_dir, n=60, temperature=1.0, top_k=None, label=None, seed=seed, output=out_dir / Run.SAMPLES,
+           force=True)
 
     err.rule("4/4  compression of the 500 held-out digits")
     table = vqvae.compression_table(Run(out_dir), figures["psnr"], write=out_dir / Run.HELDOUT)
@@ -298,12 +341,18 @@ def main(argv: list[str] | None = None) -> int:
     try:
         app(args=argv, standalone_mode=False)
     except VQVAEError as e:
-        err.print(f"[red]error:[/red] {e}", highlight=False, soft_wrap=True)
+        err.print(f"[red]error:[/red] {_shown(e)}", highlight=False, soft_wrap=True)
         return 2
     except vqvae.Stopped as e:
-        err.print(str(e))
+        err.print(_shown(e))
         return 130
-    except (typer.Abort, KeyboardInterrupt):
+    except typer.Abort as e:
+        if isinstance(e.__cause__, EOFError):  # click turns EOFError into Abort: a file ended early, not Ctrl-C
+            err.print(f"[red]error:[/red] a file ended early ({_shown(e.__cause__) or 'EOFError'})",
+                      highlight=False, soft_wrap=True)
+            return 2
+        return 130
+    except KeyboardInterrupt:
         return 130
     except typer.Exit as e:
         return e.exit_code

@@ -10,16 +10,51 @@ import dataclasses
 import json
 import math
 import numbers
+import os
+import tempfile
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import IO, Any, Callable
 
 from .errors import ConfigError
+
+# Upper bounds on sizes: far above what this project trains, low enough that a config.json with an absurd
+# value is refused with a message instead of failing to allocate (4x4 convolutions of 2048 channels
+# already hold 270 MB of weights).
+MAX_CHANNELS = 2048
+MAX_RES_BLOCKS = 32
+MAX_DOWNSAMPLE = 256
+MAX_CODEBOOK_SIZE = 65536
+MAX_PRIOR_LAYERS, MAX_PRIOR_WIDTH, MAX_GRID_SIDE, MAX_CLASSES = 64, 4096, 4096, 65536
+MAX_BATCH = 65536
+MAX_STAGES = 64  # residual-VQ stages
 
 
 def _check(cond: bool, name: str, allowed: str, value: Any) -> None:
     if not cond:
         raise ConfigError(f"{name} must be {allowed}, got {value!r}")
+
+
+def _integers(cfg: Any, *names: str) -> None:
+    """Each named field must be an integer (not a bool, not 1.5); numpy integers become plain ints."""
+    for name in names:
+        value = getattr(cfg, name)
+        _check(isinstance(value, numbers.Integral) and not isinstance(value, bool), name, "an integer", value)
+        object.__setattr__(cfg, name, int(value))
+
+
+def _reals(cfg: Any, *names: str) -> None:
+    """Each named field must be a finite number (not a bool, not a string); it becomes a plain float."""
+    for name in names:
+        value = getattr(cfg, name)
+        ok = isinstance(value, numbers.Real) and not isinstance(value, bool) and math.isfinite(value)
+        _check(ok, name, "a finite number", value)
+        object.__setattr__(cfg, name, float(value))
+
+
+def _typed(cfg: Any, kind: type, allowed: str, *names: str) -> None:
+    for name in names:
+        _check(isinstance(getattr(cfg, name), kind), name, allowed, getattr(cfg, name))
 
 
 QUANTIZER_KINDS = ("vq", "ema", "fsq", "rvq", "gumbel")
@@ -64,20 +99,27 @@ class QuantizerConfig:
     kl_warmup: float = 0.05
 
     def __post_init__(self) -> None:
+        _integers(self, "codebook_size", "code_dim", "kmeans_iters", "dead_code_steps", "stages")
+        _reals(self, "commitment_weight", "ema_decay", "ema_eps", "temperature", "temperature_end", "kl_weight",
+               "kl_warmup")
+        _typed(self, bool, "true or false", "kmeans_init")
         _check(self.codebook_size >= 2, "codebook_size", "at least 2", self.codebook_size)
-        _check(self.codebook_size <= 65536, "codebook_size", "at most 65536", self.codebook_size)
+        _check(self.codebook_size <= MAX_CODEBOOK_SIZE, "codebook_size", f"at most {MAX_CODEBOOK_SIZE}",
+               self.codebook_size)
         _check(self.code_dim >= 1, "code_dim", "at least 1", self.code_dim)
+        _check(self.code_dim <= MAX_CHANNELS, "code_dim", f"at most {MAX_CHANNELS}", self.code_dim)
         _check(self.commitment_weight >= 0, "commitment_weight", ">= 0", self.commitment_weight)
         _check(self.kind in QUANTIZER_KINDS, "quantizer kind", "'vq', 'ema', 'fsq', 'rvq' or 'gumbel'", self.kind)
         _check(0 < self.ema_decay < 1, "ema_decay", "in (0, 1)", self.ema_decay)
         _check(self.ema_eps > 0, "ema_eps", "> 0", self.ema_eps)
         _check(self.kmeans_iters >= 0, "kmeans_iters", ">= 0", self.kmeans_iters)
         _check(self.dead_code_steps >= 0, "dead_code_steps", ">= 0 (0 disables)", self.dead_code_steps)
-        ok = isinstance(self.levels, (tuple, list)) and len(self.levels) >= 1 and all(
-            isinstance(n, numbers.Integral) and not isinstance(n, bool) and n >= 2 for n in self.levels)
+        ok = isinstance(self.levels, (tuple, list)) and 1 <= len(self.levels) <= MAX_CHANNELS and all(
+            isinstance(n, numbers.Integral) and not isinstance(n, bool) and 2 <= n <= MAX_CODEBOOK_SIZE
+            for n in self.levels)
         _check(ok, "levels", "a list of integers >= 2, e.g. [8, 5, 5, 5]", self.levels)
         object.__setattr__(self, "levels", tuple(int(n) for n in self.levels))  # JSON gives a list
-        _check(self.stages >= 1, "stages", "at least 1", self.stages)
+        _check(1 <= self.stages <= MAX_STAGES, "stages", f"in 1..{MAX_STAGES}", self.stages)
         _check(self.temperature > 0, "temperature", "> 0", self.temperature)
         _check(0 < self.temperature_end <= self.temperature, "temperature_end",
                f"in (0, temperature={self.temperature}]", self.temperature_end)
@@ -116,12 +158,16 @@ class ModelConfig:
     model: str = "vqvae"
 
     def __post_init__(self) -> None:
-        _check(self.in_channels >= 1, "in_channels", "at least 1", self.in_channels)
-        _check(self.hidden >= 1, "hidden", "at least 1", self.hidden)
-        _check(self.res_hidden >= 1, "res_hidden", "at least 1", self.res_hidden)
+        _integers(self, "in_channels", "hidden", "res_hidden", "res_blocks", "downsample", "dims", "encoder_kernel")
+        _typed(self, QuantizerConfig, "a QuantizerConfig", "quantizer")
+        for name in ("in_channels", "hidden", "res_hidden"):
+            _check(getattr(self, name) >= 1, name, "at least 1", getattr(self, name))
+            _check(getattr(self, name) <= MAX_CHANNELS, name, f"at most {MAX_CHANNELS}", getattr(self, name))
         _check(self.res_blocks >= 0, "res_blocks", ">= 0", self.res_blocks)
+        _check(self.res_blocks <= MAX_RES_BLOCKS, "res_blocks", f"at most {MAX_RES_BLOCKS}", self.res_blocks)
         ok = self.downsample >= 1 and (self.downsample & (self.downsample - 1)) == 0
         _check(ok, "downsample", "a power of 2 (1, 2, 4, 8, ...)", self.downsample)
+        _check(self.downsample <= MAX_DOWNSAMPLE, "downsample", f"at most {MAX_DOWNSAMPLE}", self.downsample)
         _check(self.dims in (1, 2), "dims", "1 (sequences) or 2 (images)", self.dims)
         _check(self.encoder_kernel in (1, 3, 5), "encoder_kernel", "1, 3 or 5", self.encoder_kernel)
         _check(self.model in MODEL_KINDS, "model", "'vqvae', 'ae', 'vae', 'dvae' or 'vqvae2'", self.model)
@@ -161,15 +207,21 @@ class PriorConfig:
             _check(isinstance(value, numbers.Integral) and not isinstance(value, bool), name, "an integer", value)
             object.__setattr__(self, name, int(value))  # plain ints: numpy's would not go to JSON
         _check(self.codebook_size >= 2, "codebook_size", "at least 2", self.codebook_size)
+        _check(self.codebook_size <= MAX_CODEBOOK_SIZE, "codebook_size", f"at most {MAX_CODEBOOK_SIZE}",
+               self.codebook_size)
         ok = isinstance(self.grid, (tuple, list)) and len(self.grid) in (1, 2) and all(
             isinstance(g, numbers.Integral) and not isinstance(g, bool) and g >= 1 for g in self.grid)
         _check(ok, "grid", "1 or 2 positive integer sizes, e.g. [7, 7] or [32]", self.grid)
         object.__setattr__(self, "grid", tuple(int(g) for g in self.grid))
+        _check(max(self.grid) <= MAX_GRID_SIDE, "grid", f"sizes of at most {MAX_GRID_SIDE}", self.grid)
         _check(self.num_classes >= 0, "num_classes", ">= 0", self.num_classes)
+        _check(self.num_classes <= MAX_CLASSES, "num_classes", f"at most {MAX_CLASSES}", self.num_classes)
         _check(self.n_layer >= 1, "n_layer", "at least 1", self.n_layer)
+        _check(self.n_layer <= MAX_PRIOR_LAYERS, "n_layer", f"at most {MAX_PRIOR_LAYERS}", self.n_layer)
         _check(self.n_head >= 1, "n_head", "at least 1", self.n_head)
         _check(self.n_embd >= 1 and self.n_embd % self.n_head == 0, "n_embd",
                f"a positive multiple of n_head={self.n_head}", self.n_embd)
+        _check(self.n_embd <= MAX_PRIOR_WIDTH, "n_embd", f"at most {MAX_PRIOR_WIDTH}", self.n_embd)
         _check(isinstance(self.dropout, numbers.Real) and 0 <= self.dropout < 1, "dropout", "in [0, 1)", self.dropout)
         _check(isinstance(self.dilated, bool), "dilated", "true or false", self.dilated)
 
@@ -191,9 +243,13 @@ class TrainConfig:
     device: str = "auto"
 
     def __post_init__(self) -> None:
+        _integers(self, "steps", "batch_size", "warmup_steps", "seed", "log_every", "checkpoint_every")
+        _reals(self, "max_seconds", "lr", "lr_min_ratio")
+        _typed(self, str, "a string", "data", "device")
         _check(self.steps >= 1, "steps", "at least 1", self.steps)
         _check(self.max_seconds >= 0, "max_seconds", ">= 0 (0: no limit)", self.max_seconds)
         _check(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)
+        _check(self.batch_size <= MAX_BATCH, "batch_size", f"at most {MAX_BATCH}", self.batch_size)
         _check(self.lr > 0, "lr", "> 0", self.lr)
         _check(0 <= self.lr_min_ratio <= 1, "lr_min_ratio", "in [0, 1]", self.lr_min_ratio)
         _check(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
@@ -226,8 +282,39 @@ def from_dict(cls: type, data: dict) -> Any:
 
 
 def write_json(path: str | Path, obj: dict) -> None:
-    """Write JSON atomically: a temp file next to `path`, then rename."""
+    """Write JSON atomically (see `write_atomically`)."""
+    text = (json.dumps(obj, indent=2) + "\n").encode()
+    write_atomically(path, lambda f: f.write(text))
+
+
+def write_atomically(path: str | Path, write: Callable[[IO[bytes]], object]) -> None:
+    """Create or replace the file `path` with what `write(file)` writes, all or nothing.
+
+    `write` fills a temporary file with a unique name (`.NAME.XXXXXXXX.tmp`) in the same directory, which
+    is then renamed over `path`: a reader, or a process killed at any moment, sees the old file or the new
+    one, never a part, and concurrent writers never share a temp file. The file gets the usual permissions
+    (0666 less the umask), not the 0600 of a private temp file. The directory must exist.
+    """
     path = Path(path)
-    tmp = path.with_name(path.name + ".tmp")
-    tmp.write_text(json.dumps(obj, indent=2) + "\n")
-    tmp.replace(path)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    try:
+        with os.fdopen(fd, "wb") as f:
+            write(f)
+        os.chmod(tmp, 0o666 & ~_umask())
+        os.replace(tmp, path)
+    except BaseException:
+        Path(tmp).unlink(missing_ok=True)
+        raise
+
+
+def _umask() -> int:
+    """The process's umask, read without changing it where /proc tells it (Linux)."""
+    try:
+        for line in Path("/proc/self/status").read_text().splitlines():
+            if line.startswith("Umask:"):
+                return int(line.split()[1], 8)
+    except (OSError, ValueError):
+        pass
+    mask = os.umask(0o022)  # elsewhere: read it by setting it, then put it back
+    os.umask(mask)
+    return mask

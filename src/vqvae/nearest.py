@@ -12,8 +12,10 @@ updates) and calls only the public functions here:
 - `scatter_sum`: the sums of the vectors assigned to each code (the EMA update);
 - `kmeans`: Lloyd's k-means (the codebook's initialisation);
 - `build_kernel`: the C++ kernels of csrc/quantizer.cpp, compiled with torch's cpp_extension on first
-  use (~30 s, then cached by torch in ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR), or None where
-  they cannot be built; `USE_KERNEL = False` switches them off (tests and benchmarks compare the paths).
+  use (~30 s, then cached by torch in ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR under
+  `kernel_name()`, which is keyed by the source, the Python environment and torch's version, so that
+  environments and versions never rebuild each other's copy or wait on its lock), or None where they
+  cannot be built; `USE_KERNEL = False` switches them off (tests and benchmarks compare the paths).
 
 Speed (the quantizer runs on every latent vector of every step; benchmarks/quantizer.py measures each
 choice against the floor, the nearest-code matmul alone):
@@ -31,6 +33,8 @@ choice against the floor, the nearest-code matmul alone):
 
 from __future__ import annotations
 
+import hashlib
+import sys
 import warnings
 from pathlib import Path
 
@@ -49,6 +53,15 @@ KERNEL_SOURCE = Path(__file__).resolve().parent / "csrc" / "quantizer.cpp"  # pa
 _kernel = None  # the compiled module; False once it failed to build
 
 
+def kernel_name() -> str:
+    """The name the compiled kernel is cached under: "vqvae_quantizer_" + a hash of the C++ source, this
+    Python environment (sys.prefix), the Python and torch versions."""
+    key = hashlib.sha256(KERNEL_SOURCE.read_bytes())
+    for part in (sys.prefix, sys.version, torch.__version__):
+        key.update(b"\0" + part.encode())
+    return f"vqvae_quantizer_{key.hexdigest()[:12]}"
+
+
 def build_kernel():
     """The compiled kernels of csrc/quantizer.cpp, or None where they cannot be built.
 
@@ -63,7 +76,7 @@ def build_kernel():
         error = None
         for flags in (["-fopenmp"], []):
             try:
-                _kernel = load(name="vqvae_quantizer", sources=[str(KERNEL_SOURCE)],
+                _kernel = load(name=kernel_name(), sources=[str(KERNEL_SOURCE)],
                                extra_cflags=["-O3", *flags], extra_ldflags=flags)
                 break
             except Exception as e:  # no compiler, ninja or headers: PyTorch ops give the same results

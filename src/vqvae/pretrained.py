@@ -1,7 +1,8 @@
 """The `save_pretrained` / `from_pretrained` file convention shared by models and priors.
 
 A directory holds `config.json` (everything needed to rebuild the module) and `model.safetensors` (its
-weights). Both are written to a temp name and renamed; loading never unpickles code.
+weights). Each is written under a unique temp name and renamed into place (`config.write_atomically`);
+loading never unpickles code.
 """
 
 from __future__ import annotations
@@ -11,10 +12,11 @@ import json
 from pathlib import Path
 
 import torch
-from safetensors.torch import load_file, save_file
+from safetensors.torch import load_file
+from safetensors.torch import save as safetensors_bytes
 from torch import nn
 
-from .config import write_json
+from .config import write_atomically, write_json
 from .errors import RunError
 
 CONFIG_NAME, WEIGHTS_NAME = "config.json", "model.safetensors"
@@ -25,9 +27,8 @@ def save(module: nn.Module, directory: str | Path, config: dict) -> None:
     directory = Path(directory)
     directory.mkdir(parents=True, exist_ok=True)
     state = {k: v.detach().contiguous().cpu() for k, v in module.state_dict().items()}
-    tmp = directory / (WEIGHTS_NAME + ".tmp")
-    save_file(state, str(tmp), metadata={"format": "pt"})
-    tmp.replace(directory / WEIGHTS_NAME)
+    data = safetensors_bytes(state, metadata={"format": "pt"})
+    write_atomically(directory / WEIGHTS_NAME, lambda f: f.write(data))
     write_json(directory / CONFIG_NAME, config)
 
 
@@ -42,9 +43,15 @@ def read_config(directory: str | Path, what: str, kind: str) -> dict:
         if not path.is_file():
             raise RunError(f"{path}: missing; expected {what}")
     try:
-        return json.loads((directory / CONFIG_NAME).read_text())
+        config = json.loads((directory / CONFIG_NAME).read_text())
     except ValueError as e:
         raise RunError(f"{directory / CONFIG_NAME}: not a vqvae {kind} config (invalid JSON: {e})") from None
+    except OSError as e:
+        raise RunError(f"{directory / CONFIG_NAME}: unreadable ({e.strerror})") from None
+    if not isinstance(config, dict):
+        raise RunError(f"{directory / CONFIG_NAME}: not a vqvae {kind} config (a JSON {type(config).__name__}, "
+                       "expected an object)")
+    return config
 
 
 def load_weights(module: nn.Module, directory: str | Path, device: str | torch.device = "cpu") -> nn.Module:

@@ -7,6 +7,7 @@
       codes/{train,test}[_labels].npy      cached int16 code grids (meta.json says of which weights)
       prior/                               the learned prior (config.json, model.safetensors, train.json, ...)
       prior/integer/                       its integer model, which drives the range coder
+      .lock                                held by the process that writes the run (`Run.lock`)
 
     run = Run("runs/demo")
     model, prior = run.model(), run.prior()
@@ -14,12 +15,16 @@
     images = run.decompress(data)
 
 Every missing or malformed piece raises a `RunError` whose one line names the file and the command that
-makes it.
+makes it. A process that writes a run holds its lock (`with run.lock("vqvae train"): ...`), so two
+processes never write one run directory at once.
 """
 
 from __future__ import annotations
 
 import json
+import os
+import shutil
+from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
 
@@ -27,9 +32,10 @@ import numpy as np
 import torch
 
 from . import pretrained
-from .errors import RunError
+from .errors import CodecError, ConfigError, DataError, RunError
 
 CODE_SPLITS = ("train", "test", "train_labels", "test_labels")
+_held: dict[str, int] = {}  # run directories this process holds the lock of -> nesting depth
 
 
 class Run:
@@ -37,6 +43,10 @@ class Run:
 
     STATE, METRICS = "train_state.pt", "metrics.jsonl"
     RECON, SAMPLES, HELDOUT = "recon.png", "samples.png", "heldout.vqz"
+    LOCK = ".lock"
+    # every name a run directory can hold: what `foreign_entries` does not count and `clear` removes
+    LAYOUT = frozenset({pretrained.CONFIG_NAME, pretrained.WEIGHTS_NAME, STATE, METRICS, RECON, SAMPLES, HELDOUT,
+                        "report.html", "codes", "prior", LOCK})
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -82,11 +92,116 @@ class Run:
     def has_integer_prior(self) -> bool:
         return (self.integer_prior_dir / pretrained.WEIGHTS_NAME).is_file()
 
+    def foreign_entries(self) -> list[str]:
+        """Names in the directory that are no part of a run (sorted; [] for a run, an empty or no directory).
+        Temp files of interrupted writes (`.NAME.XXXX.tmp`, `NAME.tmp`) count as part of the run."""
+        if not self.path.is_dir():
+            return []
+        return sorted(p.name for p in self.path.iterdir() if p.name not in self.LAYOUT and not p.name.endswith(".tmp"))
+
+    def clear(self, force: bool = False) -> None:
+        """Empty the directory for a new run, keeping the lock; refused (`RunError`) if it holds anything that
+        is no part of a run, unless `force`. Never removes the current directory or one that contains it."""
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"{self.path}: exists and is not a directory")
+        if not self.path.exists():
+            return
+        if Path.cwd().resolve().is_relative_to(self.path.resolve()):
+            raise RunError(f"{self.path}: is or contains the current directory; choose another directory to replace")
+        foreign = self.foreign_entries()
+        if foreign and not force:
+            shown = ", ".join(foreign[:3]) + (f" and {len(foreign) - 3} more" if len(foreign) > 3 else "")
+            raise RunError(f"{self.path}: holds files that are not part of a vqvae run ({shown}); choose another "
+                           "directory, or pass --force to delete them")
+        for entry in self.path.iterdir():
+            if entry.name == self.LOCK:
+                continue
+            if entry.is_dir() and not entry.is_symlink():
+                shutil.rmtree(entry)
+            else:
+                entry.unlink()
+
+    @contextmanager
+    def lock(self, owner: str = "vqvae", create: bool = False):
+        """Hold the run directory for this process while the block runs (`create`: make it if missing, else
+        a missing directory is a `RunError`).
+
+        Another process holding it is a `RunError` naming its pid and `owner` (the command it runs). The
+        lock is an advisory `flock` on RUN/.lock, which the system releases when its process dies, so a
+        run killed with kill -9 never leaves a lock behind; within one process the lock nests. Systems
+        without `fcntl` (Windows) get no lock.
+        """
+        key = str(self.path.resolve())
+        if key in _held:
+            _held[key] += 1
+            try:
+                yield self
+            finally:
+                _held[key] -= 1
+            return
+        try:
+            import fcntl
+        except ImportError:  # no advisory locks here
+            yield self
+            return
+        if self.path.exists() and not self.path.is_dir():
+            raise RunError(f"{self.path}: exists and is not a directory")
+        if not self.path.exists() and not create:
+            raise RunError(f"{self.path}: no such directory; expected a run directory written by `vqvae train`")
+        try:
+            self.path.mkdir(parents=True, exist_ok=True)
+        except OSError as e:
+            raise RunError(f"{self.path}: cannot create the run directory ({e.strerror})") from None
+        path = self.path / self.LOCK
+        while True:
+            try:
+                fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+            except OSError as e:
+                raise RunError(f"{path}: cannot create the run's lock file ({e.strerror})") from None
+            try:
+                fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+            except OSError:
+                holder = os.read(fd, 200).decode(errors="replace").strip() or "another process"
+                os.close(fd)
+                raise RunError(f"{self.path}: in use by {holder} (lock {path}); wait for it to finish or use "
+                               "another directory") from None
+            try:  # the last holder may have removed the file between our open and flock: lock the new one
+                if os.fstat(fd).st_ino == os.stat(path).st_ino:
+                    break
+            except FileNotFoundError:
+                pass
+            os.close(fd)
+        os.ftruncate(fd, 0)
+        os.write(fd, f"process {os.getpid()} ({owner})\n".encode())
+        _held[key] = 1
+        try:
+            yield self
+        finally:
+            del _held[key]
+            try:
+                os.unlink(path)  # while still holding it: a waiting process then locks a fresh file
+            except OSError:
+                pass
+            os.close(fd)
+
     # -- the autoencoder and its data ---------------------------------------------------------------
     @cached_property
     def config(self) -> dict:
         """The whole config.json: model, data and train sections."""
         return pretrained.read_config(self.path, "a run directory written by `vqvae train`", "run")
+
+    def section(self, name: str, cls: type):
+        """A config section rebuilt as the dataclass `cls` (`ModelConfig` for "model", `TrainConfig` for
+        "train"); a missing or invalid section is a `RunError` naming config.json."""
+        from .config import from_dict
+
+        path = self.path / pretrained.CONFIG_NAME
+        if name not in self.config:
+            raise RunError(f"{path}: no {name!r} section; expected a run directory written by `vqvae train`")
+        try:
+            return from_dict(cls, self.config[name])
+        except ConfigError as e:
+            raise RunError(f"{path}: bad {name!r} section ({e})") from None
 
     @property
     def data_uri(self) -> str:
@@ -98,13 +213,24 @@ class Run:
 
     @property
     def num_classes(self) -> int:
-        return int(self.config.get("data", {}).get("num_classes", 0))
+        data = self.config.get("data", {})
+        value = data.get("num_classes", 0) if isinstance(data, dict) else None
+        if not isinstance(value, int) or isinstance(value, bool) or not 0 <= value <= 65536:
+            raise RunError(f"{self.path / pretrained.CONFIG_NAME}: data.num_classes must be an integer in 0..65536, "
+                           f"got {value!r}")
+        return value
 
     def model(self, device: str | torch.device = "cpu"):
         """The trained VQVAE, in eval mode on `device` (read once per Run object)."""
         from .autoencoders import VQVAE
 
-        return self._load("model", device, lambda: VQVAE.from_pretrained(self.path, device))
+        def load():
+            try:
+                return VQVAE.from_pretrained(self.path, device)
+            except ConfigError as e:  # a hand-edited config.json: name the file
+                raise RunError(f"{self.path / pretrained.CONFIG_NAME}: bad 'model' section ({e})") from None
+
+        return self._load("model", device, load)
 
     def dataset(self, uri: str | None = None):
         """The run's dataset (train and held-out splits), or the dataset `uri` names instead."""
@@ -133,6 +259,7 @@ class Run:
     def quantize_prior(self):
         """Make the integer model of the run's prior, calibrated on the cached training codes, and save it
         under prior/integer/ -> the IntegerPrior."""
+        from .data import read_npy
         from .integer_priors import IntegerPrior
 
         prior = self.prior()
@@ -140,8 +267,8 @@ class Run:
         for name in ("train", "train_labels"):
             path = self.codes_dir / f"{name}.npy"
             try:
-                arrays[name] = torch.from_numpy(np.load(path, allow_pickle=False).astype(np.int64))
-            except (OSError, ValueError, EOFError):
+                arrays[name] = torch.from_numpy(read_npy(path).astype(np.int64))
+            except (OSError, ValueError, DataError):
                 if name == "train" or prior.cfg.num_classes:
                     raise RunError(f"{path}: missing or unreadable; rerun `vqvae prior {self.path} --force`") from None
         codes = arrays["train"]
@@ -156,27 +283,40 @@ class Run:
 
     # -- cached codes --------------------------------------------------------------------------------
     def read_codes(self, key: dict) -> dict[str, torch.Tensor | None] | None:
-        """The cached code grids if they were made under `key` (model fingerprint, settings), else None."""
+        """The cached code grids if they were made under `key` (model fingerprint, settings) and are whole:
+        non-empty integer grids (N, *S') with values in 0..K-1, labels (N,) matching them. Else None (a
+        damaged, emptied or foreign cache is made again, never trained on)."""
+        from .data import read_npy
+
         meta = self.codes_dir / "meta.json"
         try:
             if json.loads(meta.read_text()) != key:
                 return None
-            return {name: torch.from_numpy(np.load(self.codes_dir / f"{name}.npy"))
-                    if (self.codes_dir / f"{name}.npy").is_file() else None for name in CODE_SPLITS}
-        except (OSError, ValueError, EOFError):  # missing, partial or unreadable cache: make it again
+            arrays = {name: read_npy(self.codes_dir / f"{name}.npy")
+                      if (self.codes_dir / f"{name}.npy").is_file() else None for name in CODE_SPLITS}
+        except (OSError, ValueError, DataError):  # missing, partial or unreadable cache: make it again
             return None
+        try:
+            K = self.config.get("model", {}).get("quantizer", {}).get("codebook_size")
+        except (RunError, AttributeError):  # no readable config.json: the values go unchecked against K
+            K = None
+        for split in ("train", "test"):
+            grids, labels = arrays[split], arrays[f"{split}_labels"]
+            if grids is None or grids.ndim < 2 or len(grids) == 0 or grids.dtype.kind not in "iu" \
+                    or grids.min() < 0 or (isinstance(K, int) and grids.max() >= K) \
+                    or (labels is not None and (labels.shape != grids.shape[:1] or labels.dtype.kind not in "iu")):
+                return None
+        return {name: None if a is None else torch.from_numpy(a) for name, a in arrays.items()}
 
     def write_codes(self, arrays: dict[str, torch.Tensor | None], key: dict) -> None:
         """Cache code grids (int16) and labels; meta.json, written last, says they are complete."""
-        from .config import write_json
+        from .config import write_atomically, write_json
 
         self.codes_dir.mkdir(parents=True, exist_ok=True)
         (self.codes_dir / "meta.json").unlink(missing_ok=True)
         for name, value in arrays.items():
             if value is not None:
-                tmp = self.codes_dir / f"{name}.tmp.npy"
-                np.save(tmp, value.numpy())
-                tmp.replace(self.codes_dir / f"{name}.npy")
+                write_atomically(self.codes_dir / f"{name}.npy", lambda f, a=value.numpy(): np.save(f, a))
         write_json(self.codes_dir / "meta.json", key)
 
     def code_counts(self) -> torch.Tensor:
@@ -185,12 +325,13 @@ class Run:
         if not path.is_file():
             raise RunError(f"{path}: missing; `vqvae prior {self.path}` writes the training codes the Huffman "
                            "code needs")
+        from .data import read_npy
+
         try:
-            codes = np.load(path, allow_pickle=False)
-        except (OSError, ValueError, EOFError) as e:
-            raise RunError(f"{path}: unreadable ({str(e).splitlines()[0] if str(e) else type(e).__name__}); "
-                           f"rerun `vqvae prior {self.path} --force`") from None
-        K = int(self.config["model"]["quantizer"]["codebook_size"])
+            codes = read_npy(path)
+        except DataError as e:
+            raise RunError(f"{e}; rerun `vqvae prior {self.path} --force`") from None
+        K = self.model().cfg.quantizer.codebook_size
         if codes.size == 0 or not np.issubdtype(codes.dtype, np.integer) or codes.min() < 0 or codes.max() >= K:
             raise RunError(f"{path}: not code grids with values in 0..{K - 1}; rerun `vqvae prior {self.path} --force`")
         return torch.bincount(torch.from_numpy(codes.astype(np.int64)).flatten(), minlength=K)
@@ -208,11 +349,18 @@ class Run:
             return codec.compress(model, self.integer_prior(), images, label_prior=self.prior())
         return codec.compress(model, None, images, coder="huffman", code_counts=self.code_counts())
 
-    def decompress(self, data: bytes) -> list[torch.Tensor]:
-        """The images of a .vqz file made with this run, at their sizes; the file says which prior it needs."""
+    def decompress(self, data: bytes, max_pixels: int | None = None) -> list[torch.Tensor]:
+        """The images of a .vqz file made with this run, at their sizes; the file says which prior it needs.
+        A file whose images hold more than `max_pixels` pixels in all is refused before any decoding."""
+        import math
+
         from . import codec
 
         header = codec.read_header(data)
+        pixels = sum(math.prod(shape[1:]) for shape in header.shapes)
+        if max_pixels is not None and pixels > max_pixels:
+            raise CodecError(f"the file holds {pixels:,} pixels, more than {max_pixels:,} "
+                                   "(--max-pixels raises the limit)")
         model = self.model()
         if header.coder == "huffman":
             return codec.decompress(model, None, data, code_counts=self.code_counts())

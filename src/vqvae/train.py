@@ -1,19 +1,26 @@
 """One training loop for autoencoders and priors: optimizer, schedule, checkpoints, resume, metrics, progress.
 
-A run directory holds `model.safetensors` (weights, loadable alone), `train_state.pt` (optimizer, step,
-elapsed time, RNG: only for `--resume`, loaded with `weights_only=True`) and `metrics.jsonl`. Both
-checkpoint files are written to temp names and renamed, so a run killed at any moment resumes from its
-last checkpoint. Ctrl-C and SIGTERM save a checkpoint before exiting.
+A run directory holds `model.safetensors` (weights, loadable alone), `train_state.pt` (the weights again,
+optimizer, step, elapsed time, RNG: only for `--resume`, loaded with `weights_only=True`) and
+`metrics.jsonl`. A checkpoint is the one file `train_state.pt`, replaced atomically, so a run killed at any
+moment (kill -9 included, even between the weights file and the state file) resumes from one consistent
+checkpoint and ends with the same weights as a run never stopped. Ctrl-C and SIGTERM save a checkpoint
+before exiting. The process that trains holds the run directory's lock (`Run.lock`).
+
+On a terminal, progress is a live bar; in a pipe or a CI log, plain lines at a modest rate.
 """
 
 from __future__ import annotations
 
+import functools
 import json
 import math
+import os
 import shutil
 import signal
 import threading
 import time
+import uuid
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
@@ -23,14 +30,17 @@ from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .autoencoders import VQVAE
-from .config import ModelConfig, TrainConfig, from_dict, to_dict, write_json
+from .config import ModelConfig, TrainConfig, from_dict, to_dict, write_atomically, write_json
 from .data import load_dataset
-from .errors import RunError
+from .errors import ConfigError, RunError
 from .evaluate import encode_dataset, evaluate_autoencoder, integer_prior_figures, likelihood, prior_figures
 from .pretrained import fingerprint
 from .run import Run
 
 STATE_NAME, METRICS_NAME = Run.STATE, Run.METRICS
+# Test-only: at the checkpoint of this step, the process kills itself (SIGKILL) after writing the weights
+# and before writing train_state.pt, the moment a kill -9 would mix two checkpoints if they were two files.
+KILL_IN_CHECKPOINT_ENV = "VQVAE_TEST_KILL_IN_CHECKPOINT"
 
 
 class Stopped(Exception):
@@ -42,14 +52,71 @@ class Stopped(Exception):
 
 
 def pick_device(name: str = "auto") -> torch.device:
-    """"auto" -> cuda if available, else mps, else cpu; otherwise the named device."""
-    if name != "auto":
-        return torch.device(name)
-    if torch.cuda.is_available():
-        return torch.device("cuda")
-    if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-        return torch.device("mps")
-    return torch.device("cpu")
+    """"auto" -> cuda if available, else mps, else cpu; otherwise the named device, which must exist here
+    (else a one-line `ConfigError`: e.g. "cuda" on a CPU-only build of torch)."""
+    if name == "auto":
+        if torch.cuda.is_available():
+            return torch.device("cuda")
+        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
+            return torch.device("mps")
+        return torch.device("cpu")
+    try:
+        device = torch.device(name)
+    except (RuntimeError, TypeError):
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
+    if device.type == "cuda":
+        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+        if count == 0:
+            raise ConfigError(f"device {name!r}: no CUDA GPU is usable here (torch {torch.__version__}"
+                              f"{'' if torch.version.cuda else ', a CPU-only build'}); use --device cpu or auto")
+        if device.index is not None and device.index >= count:
+            raise ConfigError(f"device {name!r}: there are {count} CUDA GPU(s), numbered from 0")
+    elif device.type == "mps":
+        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
+            raise ConfigError(f"device {name!r}: Apple's MPS is not available here; use --device cpu or auto")
+    elif device.type != "cpu":
+        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
+    return device
+
+
+# -- threads ----------------------------------------------------------------------------------------------
+def usable_cpus() -> int:
+    """CPUs this process may run on: its affinity set, capped by a cgroup CPU quota (containers)."""
+    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
+    try:
+        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
+        if quota != "max":
+            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
+    except (OSError, ValueError):
+        pass
+    return max(1, cpus)
+
+
+def pick_threads() -> int:
+    """Threads for PyTorch's CPU work that do not oversubscribe the machine: the usable CPUs less the ones
+    other work keeps busy (the load average of the last minute, rounded), at least 1.
+
+    PyTorch's default (one thread per core) assumes an idle machine; on a busy one its threads wait on
+    each other: on a 2-core machine with other jobs running, the demo's training ran 10x slower with 2
+    threads than with 1.
+    """
+    cpus = usable_cpus()
+    try:
+        busy = os.getloadavg()[0]
+    except (OSError, AttributeError):  # no load average (Windows): assume an idle machine
+        busy = 0.0
+    return max(1, min(cpus, int(cpus - busy + 0.5)))
+
+
+def set_threads(threads: int = 0) -> int:
+    """Set PyTorch's CPU threads: `threads` if > 0; else OMP_NUM_THREADS if set (it stands); else
+    `pick_threads()`. Returns the number in use."""
+    if threads < 0:
+        raise ConfigError(f"threads must be >= 0 (0: choose), got {threads}")
+    if threads == 0 and os.environ.get("OMP_NUM_THREADS", "").strip():
+        return torch.get_num_threads()
+    torch.set_num_threads(threads or pick_threads())
+    return torch.get_num_threads()
 
 
 def lr_factor(progress: float, warmup_fraction: float, min_ratio: float) -> float:
@@ -60,12 +127,84 @@ def lr_factor(progress: float, warmup_fraction: float, min_ratio: float) -> floa
     return min_ratio + (1 - min_ratio) * 0.5 * (1 + math.cos(math.pi * min(t, 1.0)))
 
 
+# -- the training state file -------------------------------------------------------------------------------
+def _first_line(e: BaseException) -> str:
+    text = str(e).strip()
+    return text.splitlines()[0][:160] if text else type(e).__name__
+
+
+def read_state(path: str | Path) -> dict:
+    """A checkpoint written by `Trainer.checkpoint`, checked: a dict with the optimizer's state, step,
+    elapsed time, both RNG states, and (from this version on) the weights under "model". An empty, cut,
+    crafted (`weights_only=True`: no code runs) or foreign file is a one-line `RunError` naming it."""
+    path = Path(path)
+    if not path.is_file():
+        raise RunError(f"{path}: missing; nothing to resume (train without --resume to start afresh)")
+    bad = f"{path}: not a training state written by vqvae"
+    try:
+        state = torch.load(path, map_location="cpu", weights_only=True)
+    except Exception as e:  # empty: EOFError; cut: RuntimeError; crafted: UnpicklingError
+        raise RunError(f"{bad} ({'empty file' if path.stat().st_size == 0 else _first_line(e)})") from None
+    if not isinstance(state, dict):
+        raise RunError(f"{bad} (a {type(state).__name__}, expected a dict)")
+    expected = {"optimizer": dict, "step": int, "elapsed": (int, float), "torch_rng": torch.Tensor,
+                "batch_rng": torch.Tensor}
+    for key, kind in expected.items():
+        if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
+            raise RunError(f"{bad} (no valid {key!r} entry)")
+    weights = state.get("model", {})
+    if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
+        raise RunError(f"{bad} (its 'model' entry is not a dict of tensors)")
+    if state["step"] < 0 or not math.isfinite(state["elapsed"]):
+        raise RunError(f"{bad} (step {state['step']}, elapsed {state['elapsed']})")
+    try:  # which run wrote it (a JSON object; absent before runs had ids)
+        identity = json.loads(state.get("identity", "{}"))
+    except (TypeError, ValueError):
+        identity = None
+    if not isinstance(identity, dict):
+        raise RunError(f"{bad} (its 'identity' entry is not a JSON object)")
+    return {**state, "identity": identity}
+
+
+def _checkpoint_hook(step: int) -> None:
+    if os.environ.get(KILL_IN_CHECKPOINT_ENV) == str(step):
+        os.kill(os.getpid(), getattr(signal, "SIGKILL", signal.SIGTERM))
+
+
+class _Lines:
+    """Progress as plain lines, for pipes and CI logs where a live bar would show only at the end: a line
+    each time another tenth of the budget is done or `every` seconds have passed, and at the end."""
+
+    def __init__(self, console: Console, name: str, total_steps: int, fraction: float, every: float = 30.0):
+        self.console, self.name, self.total, self.every = console, name, total_steps, every
+        self.start, self.start_fraction = time.monotonic(), fraction
+        self.last, self.next_fraction = self.start, math.floor(fraction * 10 + 1) / 10
+
+    def update(self, step: int, fraction: float, live: str) -> None:
+        now = time.monotonic()
+        if fraction < min(self.next_fraction, 1.0) and now - self.last < self.every:
+            return
+        self.last, self.next_fraction = now, math.floor(fraction * 10 + 1) / 10
+        spent = now - self.start
+        done = fraction - self.start_fraction
+        left = f", {_hms(spent / done * (1 - fraction))} left" if 0 < done and fraction < 1 else ""
+        self.console.print(f"{self.name} step {step}/{self.total} ({100 * fraction:.0f}%)  {live}  "
+                           f"{_hms(spent)} elapsed{left}", markup=False, highlight=False, soft_wrap=True)
+
+
+def _hms(seconds: float) -> str:
+    seconds = int(seconds)
+    return f"{seconds // 3600}:{seconds // 60 % 60:02d}:{seconds % 60:02d}"
+
+
 @dataclass
 class Trainer:
     """Minimises `loss_fn(model, batch) -> (loss, metrics)` over `next_batch(generator) -> batch`.
 
     `save(dir)` writes the model's weights (e.g. `model.save_pretrained`); `fmt(metrics)` renders the
     progress bar's live figures. Stops at `cfg.steps` or after `cfg.max_seconds`, whichever is first.
+    `identity` (plain JSON values) is stored in each checkpoint; `resume` refuses a checkpoint whose
+    identity differs (another run's train_state.pt).
     """
 
     model: torch.nn.Module
@@ -78,6 +217,7 @@ class Trainer:
     console: Console = field(default_factory=lambda: Console(stderr=True))
     show_progress: bool = True
     name: str = "train"
+    identity: dict = field(default_factory=dict)
     step: int = 0
     elapsed: float = 0.0
 
@@ -89,32 +229,74 @@ class Trainer:
 
     # -- checkpoints -------------------------------------------------------------------------------
     def checkpoint(self) -> None:
+        """Write the weights for users (`save`), then the checkpoint: train_state.pt, one file holding the
+        weights again with the optimizer, step, elapsed time and RNG, renamed into place. `resume` reads
+        only that file, so a kill between the two writes leaves the last checkpoint whole."""
         self.save(self.out_dir)
-        state = {"optimizer": self.optimizer.state_dict(), "step": self.step, "elapsed": self.elapsed,
-                 "torch_rng": torch.get_rng_state(), "batch_rng": self.generator.get_state()}
-        tmp = self.out_dir / (STATE_NAME + ".tmp")
-        torch.save(state, tmp)
-        tmp.replace(self.out_dir / STATE_NAME)
+        _checkpoint_hook(self.step)
+        state = {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
+                 "optimizer": self.optimizer.state_dict(), "step": self.step, "elapsed": self.elapsed,
+                 "torch_rng": torch.get_rng_state(), "batch_rng": self.generator.get_state(),
+                 "identity": json.dumps(self.identity, sort_keys=True)}
+        write_atomically(self.out_dir / STATE_NAME, lambda f: torch.save(state, f))
 
     def resume(self) -> None:
-        """Restore optimizer, step, elapsed time and RNG from the run's `train_state.pt`."""
+        """Restore weights, optimizer, step, elapsed time and RNG from the run's `train_state.pt`.
+
+        Everything is checked before anything changes on disk: an unreadable, foreign or mismatched
+        checkpoint is a `RunError` and leaves metrics.jsonl as it was.
+        """
         path = self.out_dir / STATE_NAME
-        if not path.is_file():
-            raise RunError(f"{path}: missing; nothing to resume (train without --resume to start afresh)")
-        state = torch.load(path, map_location="cpu", weights_only=True)
-        self.optimizer.load_state_dict(state["optimizer"])
-        self.step, self.elapsed = int(state["step"]), float(state["elapsed"])
-        torch.set_rng_state(state["torch_rng"])
-        self.generator.set_state(state["batch_rng"])
+        state = read_state(path)
+        saved = state["identity"]
+        for key in sorted(set(saved) & set(self.identity)):
+            if saved[key] != self.identity[key]:
+                raise RunError(f"{path}: belongs to another run ({key} {saved[key]!r}, here {self.identity[key]!r}); "
+                               "train without --resume to start afresh")
+        try:
+            if state.get("model"):  # checkpoints from before weights were kept here: model.safetensors holds them
+                self.model.load_state_dict(state["model"])
+            self._check_optimizer_state(state["optimizer"])
+            self.optimizer.load_state_dict(state["optimizer"])
+            torch.set_rng_state(state["torch_rng"])
+            self.generator.set_state(state["batch_rng"])
+        except (RuntimeError, ValueError, KeyError, TypeError) as e:
+            raise RunError(f"{path}: does not fit this run's model ({_first_line(e)}); it belongs to another "
+                           "run") from None
+        self.step, self.elapsed = state["step"], float(state["elapsed"])
         self._truncate_metrics()
 
+    def _check_optimizer_state(self, saved: dict) -> None:
+        """Raise ValueError unless `saved` (an optimizer state dict) has this optimizer's groups and, for each
+        parameter, state tensors of its shape (Adam would otherwise fail, or broadcast, at the first step)."""
+        groups = self.optimizer.param_groups
+        saved_groups = saved["param_groups"]
+        if len(saved_groups) != len(groups) or any(len(a["params"]) != len(b["params"])
+                                                   for a, b in zip(saved_groups, groups)):
+            raise ValueError("another number of parameters")
+        params = dict(zip([i for g in saved_groups for i in g["params"]], [p for g in groups for p in g["params"]]))
+        for i, entries in saved["state"].items():
+            for name, value in entries.items():
+                if isinstance(value, torch.Tensor) and value.dim() > 0 and value.shape != params[i].shape:
+                    raise ValueError(f"optimizer {name} of shape {tuple(value.shape)} for a parameter of shape "
+                                     f"{tuple(params[i].shape)}")
+
     def _truncate_metrics(self) -> None:
-        """Drop logged lines past the checkpoint's step, so a resumed log has no duplicate steps."""
+        """Drop logged lines past the checkpoint's step, so a resumed log has no duplicate steps, and lines
+        that do not parse (a kill can cut the last one short). Rewritten atomically."""
         path = self.out_dir / METRICS_NAME
-        if path.is_file():
-            lines = [ln for ln in path.read_text().splitlines() if ln.strip()]
-            keep = [ln for ln in lines if json.loads(ln).get("step", 0) <= self.step]
-            path.write_text("".join(ln + "\n" for ln in keep))
+        if not path.is_file():
+            return
+        keep = []
+        for line in path.read_text(errors="replace").splitlines():
+            try:
+                record = json.loads(line)
+            except ValueError:
+                continue
+            if isinstance(record, dict) and isinstance(record.get("step"), int) and record["step"] <= self.step:
+                keep.append(line + "\n")
+        text = "".join(keep).encode()
+        write_atomically(path, lambda f: f.write(text))
 
     def progress_fraction(self) -> float:
         by_steps = self.step / self.cfg.steps
@@ -132,6 +314,25 @@ class Trainer:
         self.request_stop()
         self.console.print("stopping after this step (again to abort without saving)...")
 
+    def _progress(self):
+        """(context manager, update(step, fraction, live)): a live bar on a terminal, plain lines elsewhere."""
+        import contextlib
+
+        if not self.show_progress:
+            return contextlib.nullcontext(), lambda step, fraction, live: None
+        if not (self.console.is_terminal or self.console.is_jupyter):
+            lines = _Lines(self.console, self.name, self.cfg.steps, self.progress_fraction())
+            return contextlib.nullcontext(), lines.update
+        columns = [TextColumn(f"[bold]{self.name}"), BarColumn(), TextColumn("step {task.fields[step]}"),
+                   TextColumn("{task.fields[live]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+        bar = Progress(*columns, console=self.console)
+        task = bar.add_task(self.name, total=1000, completed=1000 * self.progress_fraction(), step=self.step, live="")
+
+        def update(step: int, fraction: float, live: str) -> None:
+            bar.update(task, completed=1000 * fraction, step=step, live=live)
+
+        return bar, update
+
     def fit(self) -> dict:
         """Train to the budget; returns the last logged metrics. Raises `Stopped` on Ctrl-C / SIGTERM.
 
@@ -148,13 +349,10 @@ class Trainer:
         running: dict[str, float] = {}  # sums of the metrics since the last logged step
         count = 0
         last: dict = {}
-        columns = [TextColumn(f"[bold]{self.name}"), BarColumn(), TextColumn("step {task.fields[step]}"),
-                   TextColumn("{task.fields[live]}"), TimeElapsedColumn(), TimeRemainingColumn()]
+        live = ""
+        display, show = self._progress()
         try:
-            with open(self.out_dir / METRICS_NAME, "a") as log, \
-                    Progress(*columns, console=self.console, disable=not self.show_progress) as bar:
-                task = bar.add_task(self.name, total=1000, completed=1000 * self.progress_fraction(),
-                                    step=self.step, live="")
+            with open(self.out_dir / METRICS_NAME, "a") as log, display:
                 model.train()
                 while self.progress_fraction() < 1.0:
                     t0 = time.perf_counter()
@@ -177,8 +375,8 @@ class Trainer:
                                   "lr": self.optimizer.param_groups[0]["lr"], **last}
                         log.write(json.dumps(record) + "\n")
                         log.flush()
-                        bar.update(task, live=self.fmt(last))
-                    bar.update(task, completed=1000 * self.progress_fraction(), step=self.step)
+                        live = self.fmt(last)
+                    show(self.step, self.progress_fraction(), live)
                     if self._stop_requested:
                         self.checkpoint()
                         raise Stopped(self.step)
@@ -192,64 +390,86 @@ class Trainer:
         return last
 
 
+def holding_run_lock(owner: str):
+    """Decorator: the function's first argument is a run directory, held (`Run.lock`) while it runs."""
+    def wrap(fn):
+        @functools.wraps(fn)
+        def locked(run, *args, **kwargs):
+            with Run(run).lock(owner):
+                return fn(run, *args, **kwargs)
+        return locked
+    return wrap
+
+
 # -- autoencoders --------------------------------------------------------------------------------------
 def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
                       show_progress: bool = True, console: Console | None = None) -> dict:
     """Train a VQ-VAE on `train_cfg.data` into run directory `out_dir`; returns held-out metrics.
 
     With `resume`, the model, optimizer and budget continue from the run's last checkpoint (the run's own
-    `config.json` wins over the arguments, so a resumed run is the same run).
+    `config.json` wins over the arguments, so a resumed run is the same run). The device and the dataset
+    are checked before anything is written; the run directory is locked while training.
     """
     out_dir = Path(out_dir)
+    run = Run(out_dir)
+    console = console or Console(stderr=True)
     if resume:
-        saved = Run(out_dir).config
-        model_cfg = from_dict(ModelConfig, saved["model"])
-        train_cfg = from_dict(TrainConfig, saved["train"])
-    elif (out_dir / STATE_NAME).exists():
-        raise RunError(f"{out_dir}: already holds a run; pass --resume to continue it or choose another --out")
-    torch.manual_seed(train_cfg.seed)
+        model_cfg, train_cfg = run.section("model", ModelConfig), run.section("train", TrainConfig)
     device = pick_device(train_cfg.device)
     data = load_dataset(train_cfg.data, seed=train_cfg.seed)
     train_x = data.train  # (N, C, H, W); the model pads sizes that are not a multiple of its downsampling
     if data.channels != model_cfg.in_channels:
         model_cfg = replace(model_cfg, in_channels=data.channels)
-    if device.type == "cpu":  # the quantizer's C++ kernel: compiled on first use (~30 s), then cached
-        from .nearest import build_kernel
+    with run.lock("vqvae train", create=True):
+        if not resume and run.state_path.exists():
+            raise RunError(f"{out_dir}: already holds a run; pass --resume to continue it or choose another --out")
+        run_id = run.config.get("id") if resume else uuid.uuid4().hex
+        torch.manual_seed(train_cfg.seed)
+        if device.type == "cpu":  # the quantizer's C++ kernel: compiled on first use (~30 s), then cached
+            from .nearest import build_kernel
 
-        with (console or Console(stderr=True)).status("building the quantizer's CPU kernel (first use only)"):
-            build_kernel()
-    model = VQVAE(model_cfg).to(device)
-    extra = {"train": to_dict(train_cfg),
-             "data": {"uri": data.uri, "channels": data.channels, "image_size": list(data.image_size),
-                      "num_classes": data.num_classes}}
-    if resume:
-        model = VQVAE.from_pretrained(out_dir, device=device)
-    train_x = train_x.to(device)
+            with console.status("building the quantizer's CPU kernel (first use only)"):
+                build_kernel()
+        model = run.model(device) if resume else VQVAE(model_cfg).to(device)
+        extra = {**({"id": run_id} if run_id else {}), "train": to_dict(train_cfg),
+                 "data": {"uri": data.uri, "channels": data.channels, "image_size": list(data.image_size),
+                          "num_classes": data.num_classes}}
+        train_x = train_x.to(device)
 
-    def next_batch(gen: torch.Generator) -> torch.Tensor:
-        idx = torch.randint(train_x.shape[0], (train_cfg.batch_size,), generator=gen)
-        return train_x[idx.to(device)]
+        def next_batch(gen: torch.Generator) -> torch.Tensor:
+            idx = torch.randint(train_x.shape[0], (train_cfg.batch_size,), generator=gen)
+            return train_x[idx.to(device)]
 
-    def loss_fn(m, x):
-        out = m(x)
-        return out.loss, out.metrics
+        def loss_fn(m, x):
+            out = m(x)
+            return out.loss, out.metrics
 
-    def fmt(m: dict) -> str:
-        psnr = 10 * math.log10(1 / max(m["mse"], 1e-10))
-        return f"loss {m['loss']:.4f}  PSNR {psnr:5.2f} dB  perplexity {m['perplexity']:6.1f}"
+        def fmt(m: dict) -> str:
+            psnr = 10 * math.log10(1 / max(m["mse"], 1e-10))
+            return f"loss {m['loss']:.4f}  PSNR {psnr:5.2f} dB  perplexity {m['perplexity']:6.1f}"
 
-    trainer = Trainer(model, train_cfg, out_dir, next_batch, loss_fn, lambda d: model.save_pretrained(d, extra),
-                      fmt=fmt, show_progress=show_progress, console=console or Console(stderr=True))
-    if resume:
-        trainer.resume()
-    else:
-        (out_dir / METRICS_NAME).unlink(missing_ok=True)
-        model.save_pretrained(out_dir, extra)
-    trainer.fit()
+        trainer = Trainer(model, train_cfg, out_dir, next_batch, loss_fn, lambda d: model.save_pretrained(d, extra),
+                          fmt=fmt, show_progress=show_progress, console=console,
+                          identity={"run": run_id} if run_id else {})
+        if resume:
+            trainer.resume()
+        else:
+            run.metrics_path.unlink(missing_ok=True)
+            model.save_pretrained(out_dir, extra)
+        trainer.fit()
     return evaluate_autoencoder(model, data.test)
 
 
 # -- priors ---------------------------------------------------------------------------------------------
+
+
+def _read_train_json(path: Path) -> TrainConfig:
+    try:
+        return from_dict(TrainConfig, json.loads(path.read_text()))
+    except OSError as e:
+        raise RunError(f"{path}: {e.strerror}; expected the prior's training settings") from None
+    except (ValueError, ConfigError) as e:
+        raise RunError(f"{path}: not the prior's training settings ({_first_line(e)})") from None
 
 
 def shifted(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
@@ -262,6 +482,11 @@ def shifted(images: torch.Tensor, dy: int, dx: int) -> torch.Tensor:
     return padded[:, :, top:top + H, left:left + W]
 
 
+def codes_key(model: VQVAE, shifts: int) -> dict:
+    """What the cached codes depend on: the model's weights (fingerprint) and the shift setting."""
+    return {"model": fingerprint(model).hex(), "shifts": shifts}
+
+
 def cached_codes(run: Run, model: VQVAE, shifts: int = 0) -> dict[str, torch.Tensor | None]:
     """The run's train and held-out code grids (and labels), encoded once and cached under RUN/codes/.
 
@@ -270,7 +495,7 @@ def cached_codes(run: Run, model: VQVAE, shifts: int = 0) -> dict[str, torch.Ten
     a cheap way to give a small dataset's prior more sequences. The cache is keyed by the model's
     weights and the shift setting, so retraining the autoencoder never reuses stale codes.
     """
-    key = {"model": fingerprint(model).hex(), "shifts": shifts}
+    key = codes_key(model, shifts)
     cached = run.read_codes(key)
     if cached is not None:
         return cached
@@ -285,6 +510,7 @@ def cached_codes(run: Run, model: VQVAE, shifts: int = 0) -> dict[str, torch.Ten
     return arrays
 
 
+@holding_run_lock("vqvae prior")
 def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConfig, shifts: int = 1,
                 resume: bool = False, force: bool = False, show_progress: bool = True,
                 console: Console | None = None) -> dict:
@@ -292,7 +518,9 @@ def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConf
     coder uses) into RUN/prior/integer/; returns held-out figures.
 
     Class-conditional when the dataset has labels. Figures: nll_bits_per_latent, integer_bits_per_latent,
-    uniform_bits_per_latent (log2 K), nll_bits_per_image, bits_per_dim, plus the prior config.
+    uniform_bits_per_latent (log2 K), nll_bits_per_image, bits_per_dim, plus the prior config. With
+    `force`, an existing prior is deleted only once the new one's codes and config are known to be good.
+    The run directory is locked meanwhile.
     """
     from .priors import Prior, PriorConfig, build_prior
 
@@ -302,18 +530,18 @@ def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConf
     codes = cached_codes(run, model, shifts)
     out_dir = run.prior_dir
     num_classes = run.num_classes
-    if force and not resume and out_dir.exists():  # only once the codes it will be trained on exist
-        shutil.rmtree(out_dir)
     if resume:
         prior = Prior.from_pretrained(out_dir, device=device)
-        train_cfg = from_dict(TrainConfig, json.loads((out_dir / "train.json").read_text()))
+        train_cfg = _read_train_json(out_dir / "train.json")
     else:
-        if (out_dir / STATE_NAME).exists():
+        if (out_dir / STATE_NAME).exists() and not force:
             raise RunError(f"{out_dir}: already holds a prior; pass --resume to continue it or --force to replace it")
         cfg = PriorConfig(codebook_size=model.cfg.quantizer.codebook_size, grid=tuple(codes["train"].shape[1:]),
                           num_classes=num_classes, **prior_cfg_overrides)
         torch.manual_seed(train_cfg.seed)
         prior = build_prior(cfg).to(device)
+        if out_dir.exists():  # only now that the codes and the config of its replacement are good
+            shutil.rmtree(out_dir)
     train_codes = codes["train"].long().to(device)
     train_labels = codes["train_labels"].to(device) if prior.cfg.num_classes else None
 
@@ -331,7 +559,8 @@ def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConf
 
     trainer = Trainer(prior, train_cfg, out_dir, next_batch, loss_fn, save, name="prior",
                       fmt=lambda m: f"train {m['bits_per_latent']:.3f} bits/latent",
-                      show_progress=show_progress, console=console or Console(stderr=True))
+                      show_progress=show_progress, console=console or Console(stderr=True),
+                      identity={"codes": codes_key(model, shifts)})
     if resume:
         trainer.resume()
     else:

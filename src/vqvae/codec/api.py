@@ -227,6 +227,20 @@ def decompress_codes(model: VQVAE, prior: IntegerPrior | Prior | None, data: byt
     return _decode_codes(model, prior, data, code_counts)[1]
 
 
+def _check_payload_length(header: Header, payload: bytes, num_codes: int, K: int) -> None:
+    """Refuse, before running the prior, a payload too short to hold `num_codes` range-coded codes.
+
+    A code's frequency is at most 2**PRECISION - (K - 1) (every other code gets at least 1), so each
+    costs at least -log2(1 - (K - 1) / 2**PRECISION) bits, and the coder's output is whole 32-bit words,
+    at least one. A crafted header claiming a huge image over a few bytes is refused at once.
+    """
+    least_bits = num_codes * -math.log2(1 - (K - 1) / 2**entropy.PRECISION)
+    least_words = max(1, math.ceil(least_bits / 32 * (1 - 1e-9)))
+    if len(payload) < 4 * least_words:
+        raise CodecError(f"corrupted .vqz payload: {len(payload)} bytes cannot hold the {num_codes} codes the "
+                         f"header claims (at least {4 * least_words} bytes)")
+
+
 def _decode_codes(model: VQVAE, prior, data: bytes, code_counts) -> tuple[Header, list[Tensor]]:
     header, payload = parse(data)
     _check_model(model)
@@ -240,6 +254,7 @@ def _decode_codes(model: VQVAE, prior, data: bytes, code_counts) -> tuple[Header
     with eval_mode(model, prior):
         if header.coder == "range":
             _check_range_prior(model, prior, header)
+            _check_payload_length(header, payload, sum(h * w for h, w in latent_shapes), prior.cfg.codebook_size)
             if header.prior_fingerprint != fingerprint(prior):
                 raise CodecError(f"this .vqz file was made with another prior (fingerprint "
                                  f"{header.prior_fingerprint.hex()}, the given prior's is {fingerprint(prior).hex()})")

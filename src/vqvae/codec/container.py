@@ -172,6 +172,8 @@ def parse(data: bytes) -> tuple[Header, bytes]:
         shapes.append(tuple(reader.varint(f"image {i} {name}", 1, MAX_SIDE) for name in names))
     if flags & FLAG_UNIFORM:
         shapes = shapes * n
+    elif n > 1 and len(set(shapes)) == 1:  # one file, one encoding: equal shapes are written once
+        raise CodecError("corrupted .vqz header: equal image shapes written one by one (the uniform flag is off)")
     if sum(math.prod(s) for s in shapes) > MAX_PIXELS:
         raise CodecError(f"corrupted .vqz header: more than {MAX_PIXELS} pixels in all")
     labels = tuple(reader.varint(f"image {i} label", 0, MAX_LABEL) for i in range(n)) if flags & FLAG_LABELS else None
