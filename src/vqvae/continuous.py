@@ -66,6 +66,13 @@ def discretized_nll_bits(x: torch.Tensor, mean: torch.Tensor, log_scale: torch.T
     return -(log_p / LN2).flatten(1).sum(1)
 
 
+def _randn(shape: tuple[int, ...], generator: torch.Generator | None, device: torch.device) -> torch.Tensor:
+    """N(0, 1) draws on `device`, from `generator` (on whatever device it lives) when one is given."""
+    if generator is None:
+        return torch.randn(shape, device=device)
+    return torch.randn(shape, generator=generator, device=generator.device).to(device)
+
+
 class AE(Autoencoder):
     """x -> z = encoder(x) (B, D, *S') -> x_hat = decoder(z): no quantizer, loss = MSE."""
 
@@ -144,7 +151,7 @@ class VAE(AE):
                generator: torch.Generator | None = None) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
         """(x_hat (B, C, *S), NLL bits (B,), KL nats (B,)) for one z drawn from q (or its mean)."""
         if sample:
-            eps = torch.randn(mean.shape, generator=generator, device=mean.device, dtype=mean.dtype)
+            eps = _randn(mean.shape, generator, mean.device).to(mean.dtype)
             z = mean + (0.5 * logvar).exp() * eps
         else:
             z = mean
@@ -171,7 +178,7 @@ class VAE(AE):
                           generator: torch.Generator | None = None) -> torch.Tensor:
         """-ELBO per input dimension (B,), an upper bound on -log2 p(x) / (C * prod(S)) for 8-bit x:
         (E_q[-log2 p(x|z)] + KL(q || N(0, I)) / ln 2) / dims, the expectation a mean over `samples` draws of
-        z (reparameterised; `generator` for reproducible draws), the likelihood that of
+        z (reparameterised; `generator`, on any device, for reproducible draws), the likelihood that of
         `metrics.discretized_gaussian_nll_bits` (float64) at the learned log scale, or at `log_scale` if
         given (e.g. one fitted on training images with `metrics.fit_log_scale`, as the VQ-VAE's figure is).
         """
@@ -186,5 +193,5 @@ class VAE(AE):
     @torch.no_grad()
     def sample(self, n: int, size: tuple[int, ...], generator: torch.Generator | None = None) -> torch.Tensor:
         """n images (n, C, *size) in [0, 1]: latents z ~ N(0, I) on the grid of `size`, decoded (the mean)."""
-        z = torch.randn(n, self.cfg.quantizer.code_dim, *self.code_shape(size), generator=generator)
-        return self.decode(z.to(self.device), size)
+        z = _randn((n, self.cfg.quantizer.code_dim, *self.code_shape(size)), generator, self.device)
+        return self.decode(z, size)
