@@ -111,7 +111,8 @@ def _autotuned():
 _tuned_kernel = None if INTERPRET else _autotuned()
 
 
-def nearest_columns(z: torch.Tensor, codebook: torch.Tensor, blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
+def nearest_columns(z: torch.Tensor, codebook: torch.Tensor,
+                    blocks: tuple[int, int, int] | None = None) -> torch.Tensor:
     """Nearest code of each column of z: (B, D, L) float32, (K, D) float32 -> codes (B, L) int64.
 
     Same contract as `nearest.nearest_columns` (argmax of z . e - |e|^2 / 2, ties to the lowest code,

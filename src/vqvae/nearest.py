@@ -160,8 +160,7 @@ def nearest_columns(z: torch.Tensor, codebook: torch.Tensor, cols: int | None = 
     matmul adds the norms, and the compiled kernel finds the maxima; on CUDA in float32 with Triton, one
     fused kernel; elsewhere PyTorch ops in blocks sized for the device.
     """
-    B, D, L = z.shape
-    K = codebook.shape[0]
+    B, _, L = z.shape
     if B * L == 0:
         return torch.empty(B, L, dtype=torch.long, device=z.device)
     path = search_path(z.device, z.dtype)
