@@ -369,6 +369,7 @@ FUSED_CHECK = textwrap.dedent("""
         (q.loss + q.z_q.square().sum()).backward()
         steps.append((q.codes, q.loss.detach(), z_e.grad))
     checks["quantizer step"] = all(torch.equal(a, b) for a, b in zip(*steps))
+    nearest.SEARCH_PATH = "fused"
 
     # the autotuner's candidates: BLOCK_D capped at D padded, duplicates dropped
     configs = [triton.Config({"BLOCK_N": n, "BLOCK_K": k, "BLOCK_D": d}, num_warps=w, num_stages=s)
@@ -376,6 +377,21 @@ FUSED_CHECK = textwrap.dedent("""
     capped = gpu_search._capped(configs, {}, D_PAD=16)
     checks["configs capped"] = (all(c.kwargs["BLOCK_D"] == 16 for c in capped) and len(capped) < len(configs)
                                 and [c.kwargs["BLOCK_D"] for c in configs] == [x[2] for x in gpu_search.CONFIGS])
+
+    # the autotuned launch that CUDA takes, with a stand-in for the GPU timer: each candidate runs once
+    ran = []
+
+    def timer(kernel_call, quantiles):
+        kernel_call()
+        ran.append(1)
+        return [float(len(ran))] * 3  # the first candidate is the fastest
+
+    gpu_search._tuned_kernel = gpu_search._autotuned(timer)
+    z, codebook = integer_latents(11, 2, 20, 30, 50, duplicates=15)  # D = 20: BLOCK_D capped at 32
+    checks["autotuned launch"] = torch.equal(nearest_columns(z, codebook), brute_force(z, codebook))
+    candidates = gpu_search._capped(configs, {}, D_PAD=32)
+    checks["autotuner tried each candidate"] = (len(ran) == len(candidates) == 5
+                                                and gpu_search._tuned_kernel.best_config.kwargs == candidates[0].kwargs)
     print(json.dumps(checks))
 """)
 

@@ -13,7 +13,10 @@ updates) and calls only the public functions here:
 - `kmeans`: Lloyd's k-means (the codebook's initialisation);
 - `build_kernel`: the C++ kernels of csrc/quantizer.cpp, compiled with torch's cpp_extension on first
   use (~30 s, then cached by torch in ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR), or None where
-  they cannot be built; `USE_KERNEL = False` switches them off (tests and benchmarks compare the paths).
+  they cannot be built; `USE_KERNEL = False` switches them off, and the Triton kernel too (tests and
+  benchmarks compare the paths);
+- `search_path`: which search a device and dtype take (`SEARCH_PATH` forces one); `fused_search`: the
+  Triton kernel's module (gpu_search.py), or None where Triton does not import.
 
 Speed (the quantizer runs on every latent vector of every step; benchmarks/quantizer.py measures each
 choice against the floor, the nearest-code matmul alone):
