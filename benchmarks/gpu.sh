@@ -1,8 +1,8 @@
 #!/usr/bin/env bash
-# The GPU figures of issue 13 in one run (about 5-8 minutes on one H100): the quantizer, forward +
-# backward, against its floor and vector-quantize-pytorch at K = 512, 8,192 and 65,536 (z_e of shape
-# (256, 64, 32, 32)), then the demo model's training step with either quantizer at batch 32 (the demo's)
-# and 256.
+# The GPU figures of issue 13 in one run (sized for under 8 minutes on one H100; not yet timed there):
+# the quantizer, forward + backward, against its floor and vector-quantize-pytorch at K = 512, 8,192 and
+# 65,536 (z_e of shape (256, 64, 32, 32)), then the demo model's training step with either quantizer at
+# batch 32 (the demo's) and 256.
 #
 #   bash benchmarks/gpu.sh [PYTHON]
 #
