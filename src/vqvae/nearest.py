@@ -15,16 +15,23 @@ updates) and calls only the public functions here:
   use (~30 s, then cached by torch in ~/.cache/torch_extensions or $TORCH_EXTENSIONS_DIR under
   `kernel_name()`, which is keyed by the source, the Python environment and torch's version, so that
   environments and versions never rebuild each other's copy or wait on its lock), or None where they
-  cannot be built; `USE_KERNEL = False` switches them off (tests and benchmarks compare the paths).
+  cannot be built; `USE_KERNEL = False` switches them off, and the Triton kernel too (tests and
+  benchmarks compare the paths);
+- `search_path`: which search a device and dtype take (`SEARCH_PATH` forces one); `fused_search`: the
+  Triton kernel's module (gpu_search.py), or None where Triton does not import.
 
 Speed (the quantizer runs on every latent vector of every step; benchmarks/quantizer.py measures each
 choice against the floor, the nearest-code matmul alone):
 - the latents stay channels-first: no (B, D, *S) <-> (N, D) copies;
 - the search scores blocks of (codes x columns) by one matmul each, the norms folded into it, and never
-  holds an (N, K) matrix; on CPU in float32 the C++ kernel finds each column's first maximum in one
-  vectorised pass, where torch.argmax costs as much as the matmul; without a compiler, off CPU or in
-  float64, PyTorch ops (amax + eq + a matmul that reads the index off the one-hot, half the cost of
-  argmax) pick the same nearest codes, up to float rounding on near ties;
+  holds an (N, K) matrix. Its path goes by device and dtype (`search_path`): on CPU in float32 the C++
+  kernel finds each column's first maximum in one vectorised pass, where torch.argmax costs as much as
+  the matmul; on CPU without a compiler or in float64, PyTorch ops in cache-sized blocks (amax + eq + a
+  matmul that reads the index off the one-hot, half the cost of argmax); on CUDA in float32 with Triton,
+  one fused kernel (gpu_search.py) that never writes the scores; on other devices (CUDA without Triton,
+  float64, MPS), PyTorch ops in few large blocks, addmm + argmax each, with no host synchronisation,
+  since a GPU pays ~50 us of launch per op. All pick the same nearest codes (argmax's: the lowest index
+  among exact maxima, the first NaN), up to float rounding on near ties;
 - `quantize` computes z_q and both loss terms in one pass and writes its backward by hand: straight
   through to z plus the commitment term, the codebook term scattered to the chosen codes only; z_q and
   z - z_q (which becomes z's gradient in place) share one buffer that each quantizer reuses once the
@@ -33,6 +40,7 @@ choice against the floor, the nearest-code matmul alone):
 
 from __future__ import annotations
 
+import contextlib
 import hashlib
 import sys
 import warnings
@@ -41,13 +49,20 @@ from pathlib import Path
 import torch
 from torch.autograd.function import once_differentiable
 
-# The nearest-code search scores a block of (codes x columns) at a time: small enough to stay in the L2
-# cache while its maximum is found, large enough that the matmul runs at full speed. Codebooks larger than
-# CODE_TILE are scored tile by tile.
+# On CPU the nearest-code search scores a block of (codes x columns) at a time: small enough to stay in the
+# L2 cache while its maximum is found, large enough that the matmul runs at full speed. Codebooks larger
+# than CODE_TILE are scored tile by tile.
 SCORE_BLOCK_ELEMENTS = 1 << 18
 CODE_TILE = 2048
-# False: use PyTorch ops only, never the compiled kernel (tests and benchmarks compare the two).
+# Off CPU ("blocked" path) a block is one addmm + argmax over all K codes at once: few launches, each
+# large enough to fill a GPU; 2**25 float32 scores are 128 MiB.
+DEVICE_SCORE_BLOCK_ELEMENTS = 1 << 25
+# False: use PyTorch ops only, never a compiled kernel (C++ on CPU, Triton on CUDA); tests and benchmarks
+# compare the paths.
 USE_KERNEL = True
+# The search paths (see `search_path`); SEARCH_PATH forces one of them (tests, benchmarks), None: by device.
+SEARCH_PATHS = ("cpu-kernel", "pytorch", "fused", "blocked")
+SEARCH_PATH: str | None = None
 
 KERNEL_SOURCE = Path(__file__).resolve().parent / "csrc" / "quantizer.cpp"  # package data
 _kernel = None  # the compiled module; False once it failed to build
@@ -93,6 +108,40 @@ def _cpu_kernel(t: torch.Tensor):
     return build_kernel() if USE_KERNEL and t.device.type == "cpu" and t.dtype == torch.float32 else None
 
 
+_fused = None  # the gpu_search module; False once it failed to import or run
+
+
+def fused_search():
+    """The Triton search (module `vqvae.gpu_search`), or None where Triton does not import (>= 3.0 needed)."""
+    global _fused
+    if _fused is None:
+        try:
+            from . import gpu_search
+            _fused = gpu_search
+        except Exception:  # no Triton (CPU wheels, macOS, Windows) or too old: the blocked path is exact too
+            _fused = False
+    return _fused or None
+
+
+def search_path(device: torch.device | str, dtype: torch.dtype) -> str:
+    """Which search `nearest_columns` runs for latents on `device` in `dtype` (one of SEARCH_PATHS).
+
+    "cpu-kernel": CPU float32 with the C++ kernel built; "pytorch": CPU otherwise (no compiler, float64,
+    USE_KERNEL off), PyTorch ops in cache-sized blocks; "fused": CUDA float32 where Triton imports, the
+    gpu_search kernel; "blocked": any other device or dtype, PyTorch ops in few large blocks without host
+    syncs. SEARCH_PATH, when set, overrides the choice. Builds the C++ kernel or imports Triton only when
+    the device and dtype could use it.
+    """
+    if SEARCH_PATH is not None:
+        return SEARCH_PATH
+    kind = torch.device(device).type
+    if kind == "cpu":
+        return "cpu-kernel" if USE_KERNEL and dtype == torch.float32 and build_kernel() is not None else "pytorch"
+    if kind == "cuda" and USE_KERNEL and dtype == torch.float32 and fused_search() is not None:
+        return "fused"
+    return "blocked"
+
+
 # ----------------------------------------------------------------------------------- nearest-code search
 
 def nearest_codes(z: torch.Tensor, codebook: torch.Tensor, chunk_rows: int | None = None) -> torch.Tensor:
@@ -119,16 +168,35 @@ def _blocks(B: int, L: int, cols: int):
 def nearest_columns(z: torch.Tensor, codebook: torch.Tensor, cols: int | None = None) -> torch.Tensor:
     """Nearest code of each column vector of z: (B, D, L), (K, D) -> codes (B, L) int64, ties to the lowest.
 
-    argmin_k |z - e_k|^2 = argmax_k (z . e_k - |e_k|^2 / 2): one matmul per block of at most `cols`
-    columns (default: chosen from K), never an (N, K) matrix. On CPU in float32 the codebook carries
-    -|e_k|^2 / 2 as an extra column and z a row of ones, so the matmul adds the norms, and the compiled
-    kernel finds the maxima; elsewhere, or where the kernel cannot be built, PyTorch ops (below).
+    argmin_k |z - e_k|^2 = argmax_k (z . e_k - |e_k|^2 / 2), computed in the inputs' dtype (also under
+    autocast): the lowest index among exact maxima, the first NaN score where there is one (argmax's rule).
+    One matmul per block of at most `cols` columns (default: chosen from K and the device; the fused
+    kernel tiles by itself), never an (N, K) matrix. The path goes by device and dtype (`search_path`):
+    on CPU in float32 the codebook carries -|e_k|^2 / 2 as an extra column and z a row of ones, so the
+    matmul adds the norms, and the compiled kernel finds the maxima; on CUDA in float32 with Triton, one
+    fused kernel; elsewhere PyTorch ops in blocks sized for the device.
     """
-    B, D, L = z.shape
-    K = codebook.shape[0]
+    B, _, L = z.shape
     if B * L == 0:
         return torch.empty(B, L, dtype=torch.long, device=z.device)
-    kernel = _cpu_kernel(z)
+    path = search_path(z.device, z.dtype)
+    assert path in SEARCH_PATHS, path
+    # Autocast would run the matmuls below in half precision: the search stays in the inputs' dtype.
+    with torch.autocast(z.device.type, enabled=False) if _autocast_on(z.device.type) else contextlib.nullcontext():
+        if path == "fused":
+            codes = _fused_columns(z, codebook)
+            if codes is not None:
+                return codes
+            path = "blocked"
+        if path == "blocked":
+            return _blocked_columns(z, codebook, cols)
+        return _cpu_columns(z, codebook, cols, build_kernel() if path == "cpu-kernel" else None)
+
+
+def _cpu_columns(z: torch.Tensor, codebook: torch.Tensor, cols: int | None, kernel) -> torch.Tensor:
+    """The CPU search: the C++ kernel where given, else PyTorch ops in cache-sized blocks. (B, D, L) -> (B, L)."""
+    B, D, L = z.shape
+    K = codebook.shape[0]
     if kernel is not None:
         tile = min(K, CODE_TILE)
         cols = min(cols or max(1, SCORE_BLOCK_ELEMENTS // tile), B * L)
@@ -154,6 +222,78 @@ def nearest_columns(z: torch.Tensor, codebook: torch.Tensor, cols: int | None = 
             block[unsure] = torch.addmm(half_norms, rows[unsure], codebook.t()).argmax(1)
         codes[b0:b1, l0:l1] = block.view(b1 - b0, l1 - l0)
     return codes
+
+
+def _blocked_columns(z: torch.Tensor, codebook: torch.Tensor, cols: int | None) -> torch.Tensor:
+    """The search off CPU in PyTorch ops: (B, D, L), (K, D) -> codes (B, L), two launches per block.
+
+    Blocks of about DEVICE_SCORE_BLOCK_ELEMENTS scores, each one matmul with the norms added (addmm for a
+    slice of one item, baddbmm for whole items, both reading z channels-first without a copy) and one
+    argmax over all K codes, written into the output: no host synchronisation (no nonzero, no item), so
+    the launches queue ahead of the GPU. argmax itself keeps the tie rule on every device: the lowest index
+    among exact maxima, the first NaN. Matmuls follow torch's float32 precision setting (IEEE float32
+    unless TF32 was enabled: then `nearest_columns` warns once).
+    """
+    B, D, L = z.shape
+    K = codebook.shape[0]
+    if z.device.type == "cuda" and z.dtype == torch.float32:
+        _warn_if_tf32()
+    cols = min(cols or max(1, DEVICE_SCORE_BLOCK_ELEMENTS // K), B * L)
+    half_norms = codebook.pow(2).sum(1).mul_(-0.5)  # (K,)
+    codebook_t = codebook.t()  # (D, K)
+    codes = torch.empty(B, L, dtype=torch.long, device=z.device)
+    for b0, b1, l0, l1 in _blocks(B, L, cols):
+        if b1 - b0 == 1:  # a slice of one item
+            scores = torch.addmm(half_norms, z[b0, :, l0:l1].t(), codebook_t)  # (n, K)
+            torch.argmax(scores, 1, out=codes[b0, l0:l1])
+        else:  # whole items
+            scores = torch.baddbmm(half_norms, z[b0:b1].transpose(1, 2), codebook_t.expand(b1 - b0, D, K))  # (b, L, K)
+            torch.argmax(scores, 2, out=codes[b0:b1])
+    return codes
+
+
+def _fused_columns(z: torch.Tensor, codebook: torch.Tensor) -> torch.Tensor | None:
+    """The Triton search, or None (after one warning) where it fails to compile or launch."""
+    global _fused
+    module = fused_search()
+    if module is None:
+        return None
+    try:
+        return module.nearest_columns(z, codebook)
+    except Exception as e:  # a compiler or driver Triton cannot use: the blocked path gives the same codes
+        warnings.warn(f"vqvae: the fused nearest-code search failed ({str(e).splitlines()[0][:200]}); "
+                      "using PyTorch ops", RuntimeWarning, stacklevel=3)
+        _fused = False
+        return None
+
+
+def _autocast_on(device_type: str) -> bool:
+    try:
+        return torch.is_autocast_enabled(device_type)
+    except TypeError:  # torch < 2.4
+        return torch.is_autocast_cpu_enabled() if device_type == "cpu" else torch.is_autocast_enabled()
+    except RuntimeError:  # a device type autocast does not know
+        return False
+
+
+_tf32_warned = False
+
+
+def _warn_if_tf32() -> None:
+    """Warn once where CUDA float32 matmuls run in TF32: the blocked search's scores are then TF32's."""
+    global _tf32_warned
+    if _tf32_warned:
+        return
+    matmul = torch.backends.cuda.matmul
+    level = getattr(matmul, "fp32_precision", None)  # torch >= 2.9; reading it never mixes the two APIs
+    if level is None:
+        on = bool(matmul.allow_tf32)
+    else:
+        on = (level if level != "none" else getattr(torch.backends, "fp32_precision", "none")) == "tf32"
+    if on:
+        _tf32_warned = True
+        warnings.warn("vqvae: TF32 matmuls are enabled, so the nearest-code search without Triton scores in "
+                      "TF32: codes may differ from float32 ones on near ties", RuntimeWarning, stacklevel=4)
 
 
 # ------------------------------------------------------------------------------- z_q and the loss terms
@@ -257,6 +397,6 @@ def kmeans(x: torch.Tensor, k: int, iters: int, generator: torch.Generator | Non
         assign = nearest_codes(x, centroids)
         counts = torch.bincount(assign, minlength=k).to(x.dtype)
         sums = torch.zeros_like(centroids).index_add_(0, assign, x)
-        filled = counts > 0
-        centroids[filled] = sums[filled] / counts[filled, None]
+        # where, not boolean indexing: no host sync per iteration on a GPU
+        centroids = torch.where((counts > 0)[:, None], sums / counts.clamp_min(1)[:, None], centroids)
     return centroids
