@@ -9,7 +9,12 @@
     images = run.decompress(data)
 """
 
-from .autoencoders import VQVAE, Encoded, Output
+from .autoencoders import DVAE, VQVAE, Autoencoder, Encoded, Output
+from .continuous import AE, VAE, Latents
+from .hierarchical import VQVAE2, Encoded2
+from .integer_priors import IntegerPixelCNNPrior, IntegerPrior, IntegerTransformerPrior, load_integer_prior
+from .models import build_model, load_model
+from .quantizer_variants import FiniteScalarQuantizer, GumbelQuantizer, ResidualVectorQuantizer
 from .config import ModelConfig, PriorConfig, QuantizerConfig, TrainConfig
 from .data import (Dataset, load_codes, load_dataset, load_images, save_codes, save_image, to_channels,
                    write_bytes)
@@ -25,7 +30,10 @@ from .train import Stopped, train_autoencoder, train_prior
 
 __version__ = "0.1.0"
 __all__ = [
-    "VQVAE", "Encoded", "Output",
+    "VQVAE", "Encoded", "Output", "Autoencoder", "DVAE", "AE", "VAE", "Latents", "VQVAE2", "Encoded2",
+    "build_model", "load_model",
+    "IntegerPrior", "IntegerTransformerPrior", "IntegerPixelCNNPrior", "load_integer_prior",
+    "FiniteScalarQuantizer", "GumbelQuantizer", "ResidualVectorQuantizer",
     "ModelConfig", "PriorConfig", "QuantizerConfig", "TrainConfig",
     "Dataset", "load_codes", "load_dataset", "load_images", "save_codes", "save_image", "to_channels", "write_bytes",
     "CodecError", "ConfigError", "DataError", "RunError", "VQVAEError",
