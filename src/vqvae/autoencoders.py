@@ -229,20 +229,6 @@ class DVAE(VQVAE):
     def _encoder_channels(self) -> int:
         return self.cfg.quantizer.codebook_size  # logits
 
-    def check_codes(self, codes: torch.Tensor, quantizer: nn.Module | None = None) -> None:
-        """ValueError unless codes is an integer (B, *S') grid ((B, Q', *S') with residual VQ) in 0..K-1 of
-        `quantizer` (default: the model's)."""
-        quantizer = self.quantizer if quantizer is None else quantizer
-        K, stages = quantizer.codebook_size, isinstance(quantizer, ResidualVectorQuantizer)
-        grid = "T" if self.cfg.dims == 1 else "H, W"
-        if codes.dim() != self.cfg.dims + 1 + stages or codes.dtype.is_floating_point:
-            raise ValueError(f"expected integer codes (B, {'Q, ' if stages else ''}{grid}), "
-                             f"got {codes.dtype} {tuple(codes.shape)}")
-        if stages and not 1 <= codes.shape[1] <= quantizer.num_stages:
-            raise ValueError(f"codes have {codes.shape[1]} stages, the quantizer 1 to {quantizer.num_stages}")
-        if codes.numel() and (int(codes.min()) < 0 or int(codes.max()) >= K):
-            raise ValueError(f"codes must be in 0..{K - 1}, got values in {int(codes.min())}..{int(codes.max())}")
-
     def set_progress(self, progress: float) -> None:
         temperature, kl_weight = gumbel_schedule(self.cfg.quantizer, progress)
         # The quantizer's KL is a mean per code position; a position covers C * downsample^dims inputs.

@@ -44,7 +44,7 @@ from .fixedpoint import PRECISION, QLinear
 from .config import PriorConfig, from_dict, to_dict
 from .errors import ConfigError, RunError
 from .priors import (
-    FIRST_KERNEL, KERNEL, DecodeState, PixelCNNPrior, Prior, TransformerPrior, pixelcnn_dilations,
+    FIRST_KERNEL, KERNEL, DecodeState, PixelCNNPrior, Prior, TransformerPrior, check_step, pixelcnn_dilations,
 )
 
 __all__ = ["PRECISION", "IntegerPrior", "IntegerTransformerPrior", "IntegerPixelCNNPrior", "load_integer_prior"]
@@ -169,10 +169,7 @@ class IntegerPrior(nn.Module):
         return cond
 
     def _advance(self, state: DecodeState, prev_codes: Tensor | None) -> None:
-        if state.pos >= self.seq_len:
-            raise RuntimeError(f"decode finished: all {self.seq_len} positions were returned")
-        if (prev_codes is None) != (state.pos == 0):
-            raise ValueError("prev_codes must be None on the first step and (B,) int64 codes after it")
+        check_step(state, prev_codes, self.seq_len)
 
     @torch.no_grad()
     def frequencies(self, codes: Tensor, cond: Tensor | None = None) -> Tensor:

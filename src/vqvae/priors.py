@@ -53,6 +53,14 @@ class DecodeState:
     buffer: Tensor
 
 
+def check_step(state: DecodeState, prev_codes: Tensor | None, seq_len: int) -> None:
+    """The step API's contract: a position left to decode, and `prev_codes` None exactly at position 0."""
+    if state.pos >= seq_len:
+        raise RuntimeError(f"decode finished: all {seq_len} positions were returned")
+    if (prev_codes is None) != (state.pos == 0):
+        raise ValueError("prev_codes must be None on the first step and (B,) int64 codes after it")
+
+
 def sample_from_logits(logits: Tensor, temperature: float = 1.0, top_k: int | None = None,
                        generator: torch.Generator | None = None) -> Tensor:
     """Draw one code per row of `logits` (B, K) -> (B,) int64.
@@ -145,11 +153,7 @@ class Prior(nn.Module):
         return cond
 
     def _advance(self, state: DecodeState, prev_codes: Tensor | None) -> None:
-        """Check that `prev_codes` fits the state (None exactly at position 0)."""
-        if state.pos >= self.seq_len:
-            raise RuntimeError(f"decode finished: all {self.seq_len} positions were returned")
-        if (prev_codes is None) != (state.pos == 0):
-            raise ValueError("prev_codes must be None on the first step and (B,) int64 codes after it")
+        check_step(state, prev_codes, self.seq_len)
 
     def log_prob(self, codes: Tensor, cond: Tensor | None = None) -> Tensor:
         """codes (B, *grid) int64 -> (B,) log-likelihood in nats, summed over the grid."""
