@@ -442,3 +442,22 @@ def test_decompress_refuses_files_over_the_pixel_cap_before_decoding(prior_run, 
     code, _, err = run(capsys, "decompress", prior_run, tmp_path / "all.vqz", "-o", tmp_path / "out",
                        "--max-pixels", "1000")
     assert code == 2 and "more than 1,000" in err and not (tmp_path / "out").exists()
+
+
+def test_the_cli_uses_only_the_public_api():
+    """cli.py parses and calls: it imports `vqvae` and names from its public API, nothing internal."""
+    import ast
+
+    import vqvae
+    from vqvae import cli
+
+    tree = ast.parse(open(cli.__file__).read())
+    for node in ast.walk(tree):
+        if isinstance(node, ast.ImportFrom) and (node.module or "").startswith("vqvae") or \
+                isinstance(node, ast.ImportFrom) and node.level > 0:
+            assert node.module == "vqvae" and node.level == 0, ast.unparse(node)
+            assert {alias.name for alias in node.names} <= set(vqvae.__all__), ast.unparse(node)
+        if isinstance(node, ast.Import):
+            assert all(a.name == "vqvae" or not a.name.startswith("vqvae") for a in node.names), ast.unparse(node)
+        if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "vqvae":
+            assert node.attr in vqvae.__all__ or node.attr == "__version__", f"vqvae.{node.attr}"

@@ -16,8 +16,8 @@ from .integer_priors import IntegerPixelCNNPrior, IntegerPrior, IntegerTransform
 from .models import build_model, load_model
 from .quantizer_variants import FiniteScalarQuantizer, GumbelQuantizer, ResidualVectorQuantizer
 from .config import ModelConfig, PriorConfig, QuantizerConfig, TrainConfig
-from .data import (Dataset, load_codes, load_dataset, load_images, save_codes, save_image, to_channels,
-                   write_bytes)
+from .data import (MAX_PIXELS, Dataset, check_outputs, load_codes, load_dataset, load_images, output_paths,
+                   save_codes, save_image, to_channels, write_bytes)
 from .errors import CodecError, ConfigError, DataError, RunError, VQVAEError
 from .evaluate import (compression_table, encode_dataset, evaluate_autoencoder, evaluate_run, likelihood,
                        prior_figures)
@@ -26,7 +26,7 @@ from .quantizers import EMAVectorQuantizer, Quantized, VectorQuantizer, build_qu
 from .report import sample_images, save_grid, save_reconstructions
 from .run import Run
 from .codec import compress, decompress, read_header
-from .train import Stopped, train_autoencoder, train_prior
+from .train import Stopped, set_threads, train_autoencoder, train_prior
 
 __version__ = "0.1.0"
 __all__ = [
@@ -35,12 +35,12 @@ __all__ = [
     "IntegerPrior", "IntegerTransformerPrior", "IntegerPixelCNNPrior", "load_integer_prior",
     "FiniteScalarQuantizer", "GumbelQuantizer", "ResidualVectorQuantizer",
     "ModelConfig", "PriorConfig", "QuantizerConfig", "TrainConfig",
-    "Dataset", "load_codes", "load_dataset", "load_images", "save_codes", "save_image", "to_channels", "write_bytes",
+    "MAX_PIXELS", "Dataset", "check_outputs", "output_paths", "load_codes", "load_dataset", "load_images", "save_codes", "save_image", "to_channels", "write_bytes",
     "CodecError", "ConfigError", "DataError", "RunError", "VQVAEError",
     "compression_table", "encode_dataset", "evaluate_autoencoder", "evaluate_run", "likelihood", "prior_figures",
     "PixelCNNPrior", "Prior", "TransformerPrior", "build_prior", "load_prior", "prior_bits",
     "EMAVectorQuantizer", "Quantized", "VectorQuantizer", "build_quantizer",
     "sample_images", "save_grid", "save_reconstructions",
     "Run", "compress", "decompress", "read_header",
-    "Stopped", "train_autoencoder", "train_prior",
+    "Stopped", "set_threads", "train_autoencoder", "train_prior",
 ]

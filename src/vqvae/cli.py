@@ -20,9 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import vqvae
-from vqvae import Run, VQVAEError
-from vqvae.data import MAX_PIXELS, check_outputs, output_paths
-from vqvae.train import set_threads
+from vqvae import MAX_PIXELS, Run, VQVAEError, check_outputs, output_paths, set_threads
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Vector-quantized autoencoders: train, evaluate, encode to discrete codes, learn a prior, "
