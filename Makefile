@@ -32,6 +32,7 @@ bench: $(VENV)/.bench
 	$(BIN)/python benchmarks/quantizer.py --threads $(BENCH_THREADS)
 	$(BIN)/python benchmarks/train.py --threads $(BENCH_THREADS)
 	$(BIN)/python benchmarks/sampling.py
+	$(BIN)/python benchmarks/scaling.py
 
 clean:
 	rm -rf $(VENV) runs

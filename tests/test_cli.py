@@ -411,14 +411,14 @@ def test_refusals_name_the_file_not_its_position(prior_run, tmp_path, capsys):
 def test_threads_option_sets_torch_threads(tmp_path, capsys, monkeypatch):
     import torch
 
-    from vqvae import train
+    from vqvae import devices
 
     before = torch.get_num_threads()
     try:  # set before any command runs (this one then fails fast: no such run)
         code, _, _ = run(capsys, "--threads", "2", "eval", tmp_path / "none")
         assert code == 2 and torch.get_num_threads() == 2
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        monkeypatch.setattr(train, "usable_cpus", lambda: 2)
+        monkeypatch.setattr(devices, "usable_cpus", lambda: 2)
         monkeypatch.setattr(os, "getloadavg", lambda: (3.0, 3.0, 3.0))  # a busy 2-core machine
         code, _, _ = run(capsys, "eval", tmp_path / "none")
         assert code == 2 and torch.get_num_threads() == 1

@@ -3,6 +3,7 @@ import json
 import pytest
 import torch
 
+from vqvae import devices
 from vqvae.config import ModelConfig, QuantizerConfig, TrainConfig
 from vqvae.errors import RunError
 from vqvae.train import Stopped, Trainer, lr_factor, train_autoencoder
@@ -268,32 +269,30 @@ def test_progress_in_a_pipe_is_plain_lines(tmp_path):
 def test_threads_leave_the_busy_cores_alone(monkeypatch):
     import os
 
-    from vqvae import train
-
-    monkeypatch.setattr(train, "usable_cpus", lambda: 2)
+    monkeypatch.setattr(devices, "usable_cpus", lambda: 2)
     for load, threads in [(2.6, 1), (1.2, 1), (0.6, 1), (0.3, 2), (0.0, 2)]:
         monkeypatch.setattr(os, "getloadavg", lambda load=load: (load, load, load))
-        assert train.pick_threads() == threads, load
-    monkeypatch.setattr(train, "usable_cpus", lambda: 16)
+        assert devices.pick_threads() == threads, load
+    monkeypatch.setattr(devices, "usable_cpus", lambda: 16)
     monkeypatch.setattr(os, "getloadavg", lambda: (5.0, 5.0, 5.0))
-    assert train.pick_threads() == 11
+    assert devices.pick_threads() == 11
     before = torch.get_num_threads()
     try:
         monkeypatch.delenv("OMP_NUM_THREADS", raising=False)
-        monkeypatch.setattr(train, "usable_cpus", lambda: 2)
+        monkeypatch.setattr(devices, "usable_cpus", lambda: 2)
         monkeypatch.setattr(os, "getloadavg", lambda: (2.5, 2.0, 2.0))
-        assert train.set_threads() == 1 == torch.get_num_threads()  # busy 2-core machine: 1 thread
-        assert train.set_threads(2) == 2 == torch.get_num_threads()  # asked for: as asked
+        assert devices.set_threads() == 1 == torch.get_num_threads()  # busy 2-core machine: 1 thread
+        assert devices.set_threads(2) == 2 == torch.get_num_threads()  # asked for: as asked
         monkeypatch.setenv("OMP_NUM_THREADS", "2")
         torch.set_num_threads(2)
-        assert train.set_threads() == 2  # the user's OMP_NUM_THREADS stands
+        assert devices.set_threads() == 2  # the user's OMP_NUM_THREADS stands
     finally:
         torch.set_num_threads(before)
 
 
 def test_a_device_that_is_not_here_is_one_line(tmp_path):
     from vqvae.errors import ConfigError
-    from vqvae.train import pick_device
+    from vqvae.devices import pick_device
 
     assert pick_device("cpu").type == "cpu"
     for name in ("gpu", "cuda:x", "tpu"):

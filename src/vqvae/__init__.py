@@ -26,7 +26,8 @@ from .quantizers import EMAVectorQuantizer, Quantized, VectorQuantizer, build_qu
 from .report import sample_images, save_grid, save_reconstructions
 from .run import Run
 from .codec import compress, decompress, read_header
-from .train import Stopped, set_threads, train_autoencoder, train_prior
+from .devices import set_threads, world
+from .train import Stopped, train_autoencoder, train_prior
 
 __version__ = "0.1.0"
 __all__ = [
@@ -42,5 +43,5 @@ __all__ = [
     "EMAVectorQuantizer", "Quantized", "VectorQuantizer", "build_quantizer",
     "sample_images", "save_grid", "save_reconstructions",
     "Run", "compress", "decompress", "read_header",
-    "Stopped", "set_threads", "train_autoencoder", "train_prior",
+    "Stopped", "set_threads", "train_autoencoder", "train_prior", "world",
 ]

@@ -20,7 +20,7 @@ from rich.markup import escape
 from rich.table import Table
 
 import vqvae
-from vqvae import MAX_PIXELS, Run, VQVAEError, check_outputs, output_paths, set_threads
+from vqvae import MAX_PIXELS, Run, VQVAEError, check_outputs, output_paths, set_threads, world
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False,
                   help="Vector-quantized autoencoders: train, evaluate, encode to discrete codes, learn a prior, "
@@ -102,6 +102,8 @@ def train(
                                                "easier for the prior) or 3 (the paper's)."),
     seed: int = typer.Option(0),
     device: str = typer.Option("auto", help="auto, cpu, cuda, cuda:1, mps."),
+    precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast for encoder and decoder; the "
+                                               "quantizer stays fp32; fp16 needs CUDA)."),
     checkpoint_every: int = typer.Option(500, help="Write a checkpoint every this many steps."),
     log_every: int = typer.Option(50, help="Append to metrics.jsonl every this many steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
@@ -113,13 +115,17 @@ def train(
     mcfg = vqvae.ModelConfig(hidden=hidden, res_hidden=res_hidden, res_blocks=res_blocks, downsample=downsample,
                              encoder_kernel=encoder_kernel, quantizer=qcfg)
     tcfg = vqvae.TrainConfig(data=data, steps=steps, max_seconds=max_seconds, batch_size=batch_size, lr=lr,
-                             seed=seed, device=device, checkpoint_every=checkpoint_every, log_every=log_every)
+                             seed=seed, device=device, precision=precision, checkpoint_every=checkpoint_every,
+                             log_every=log_every)
     figures = _train(mcfg, tcfg, out_dir, resume)
-    _print_figures(f"held-out figures of {out_dir}", figures, as_json)
+    if world()[0] == 0:  # under torchrun: one report, from rank 0
+        _print_figures(f"held-out figures of {out_dir}", figures, as_json)
 
 
 def _train(model_cfg, train_cfg, out_dir: Path, resume: bool = False) -> dict:
     figures = vqvae.train_autoencoder(model_cfg, train_cfg, out_dir, resume=resume, console=err)
+    if world()[0] != 0:
+        return figures
     run = Run(out_dir)
     with run.lock("vqvae train"):
         vqvae.save_reconstructions(run.model(), run.dataset().test, run.path / Run.RECON)
@@ -208,6 +214,7 @@ def prior(run: Path = RunArg,
                                      help="Also train on codes of the images shifted by up to this many pixels."),
           seed: int = typer.Option(0),
           device: str = typer.Option("auto"),
+          precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast for the prior; fp16 needs CUDA)."),
           resume: bool = typer.Option(False, "--resume", help="Continue the run's prior from its last checkpoint."),
           force: bool = typer.Option(False, "--force", help="Replace an existing prior."),
           as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
@@ -215,15 +222,16 @@ def prior(run: Path = RunArg,
     for the range coder under RUN/prior/integer/); print held-out bits."""
     figures = _prior(run, arch=arch, steps=steps, max_seconds=max_seconds, batch_size=batch_size, lr=lr,
                      layers=layers, width=width, heads=heads, dropout=dropout, shifts=shifts, seed=seed,
-                     device=device, resume=resume, force=force)
+                     device=device, precision=precision, resume=resume, force=force)
     _print_figures(f"held-out code likelihood of {run}", figures, as_json)
 
 
 def _prior(run: Path, steps: int, seed: int = 0, max_seconds: float = 0.0, device: str = "auto",
-           resume: bool = False, force: bool = False, **options) -> dict:
+           precision: str = "fp32", resume: bool = False, force: bool = False, **options) -> dict:
     options = {**PRIOR_DEFAULTS, **options}
     tcfg = vqvae.TrainConfig(data="codes", steps=steps, max_seconds=max_seconds, batch_size=options["batch_size"],
-                             lr=options["lr"], seed=seed, device=device, warmup_steps=200)
+                             lr=options["lr"], seed=seed, device=device, precision=precision,
+                             warmup_steps=200)
     overrides = dict(arch=options["arch"], n_layer=options["layers"], n_embd=options["width"],
                      n_head=options["heads"], dropout=options["dropout"])
     figures = vqvae.train_prior(run, overrides, tcfg, shifts=options["shifts"], resume=resume, force=force,

@@ -226,6 +226,9 @@ class PriorConfig:
         _check(isinstance(self.dilated, bool), "dilated", "true or false", self.dilated)
 
 
+PRECISIONS = ("fp32", "bf16", "fp16")
+
+
 @dataclass(frozen=True)
 class TrainConfig:
     """How an autoencoder is trained: a step budget and/or a wall-clock budget, whichever ends first."""
@@ -241,11 +244,13 @@ class TrainConfig:
     log_every: int = 50
     checkpoint_every: int = 500
     device: str = "auto"
+    precision: str = "fp32"  # fp32, bf16 or fp16 (autocast for the nets; the quantizer stays fp32)
 
     def __post_init__(self) -> None:
         _integers(self, "steps", "batch_size", "warmup_steps", "seed", "log_every", "checkpoint_every")
         _reals(self, "max_seconds", "lr", "lr_min_ratio")
-        _typed(self, str, "a string", "data", "device")
+        _typed(self, str, "a string", "data", "device", "precision")
+        _check(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}", self.precision)
         _check(self.steps >= 1, "steps", "at least 1", self.steps)
         _check(self.max_seconds >= 0, "max_seconds", ">= 0 (0: no limit)", self.max_seconds)
         _check(self.batch_size >= 1, "batch_size", "at least 1", self.batch_size)

@@ -14,8 +14,12 @@ value does not grow with D. The output unpacks like a tuple, `z_q, codes, loss =
 names its fields, `quantizer(z_e).stats`.
 
 Options (constructor arguments): k-means initialisation from the first training batch, restart of codes
-unused for `dead_code_steps` training steps from recent encoder outputs. Under torch.distributed the
-statistics are all-reduced and the random choices made on rank 0 and broadcast, so ranks stay identical.
+unused for `dead_code_steps` training steps from recent encoder outputs. Under torch.distributed (training
+mode) every rank makes the same collectives in the same order, so the codebooks stay identical: the code
+counts and EMA sums are all-reduced (the stats are global); k-means runs on rank 0 over the vectors of all
+ranks (all_gather) and is broadcast; a restart is decided from the all-reduced counts, hence on every rank
+at once, and its vectors are drawn by rank 0 from all ranks' vectors. With rank r holding the r-th slice
+of a global batch, this is the computation one process makes on the whole batch.
 
 Precision: the search, the loss and the codebook are computed in the codebook's dtype, float32 (also under
 autocast) or float64 (after `.double()`); z_q comes back in the input's dtype. Half-precision codebooks
@@ -119,6 +123,8 @@ class VectorQuantizer(nn.Module):
                 self._maybe_init(z.detach())
             codes = nearest_columns(z.detach(), self.embeddings.detach())  # (B, L)
             counts = torch.bincount(codes.view(-1), minlength=self.codebook_size)  # (K,)
+            if self.training and _distributed():
+                dist.all_reduce(counts)  # global counts: the stats, EMA and restarts of the whole batch
             z_q, commitment, codebook_term = quantize(z, self.embeddings, codes, self._workspace)  # (B, D, L)
             if self.training:
                 self._update(z.detach(), codes, counts)  # after the lookup: z_q uses this step's codebook
@@ -150,29 +156,32 @@ class VectorQuantizer(nn.Module):
         if bool(self.initialized):
             return
         rows = z.transpose(1, 2).reshape(-1, self.code_dim)  # (N, D)
-        centroids = kmeans(rows, self.codebook_size, self.kmeans_iters)
-        if _distributed():
+        if _distributed():  # k-means over every rank's vectors, run once (rank 0) and broadcast
+            rows = _gather_rows(rows)  # (N over all ranks, D) on rank 0, None elsewhere
+            centroids = kmeans(rows, self.codebook_size, self.kmeans_iters) if rows is not None else \
+                z.new_empty(self.codebook_size, self.code_dim)
             dist.broadcast(centroids, 0)
+        else:
+            centroids = kmeans(rows, self.codebook_size, self.kmeans_iters)
         self._set_codes(torch.arange(self.codebook_size, device=z.device), centroids)
         self.initialized.fill_(True)
 
     @torch.no_grad()
     def _update(self, z: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> None:
-        """Per-step bookkeeping in training mode: dead-code restart. z (B, D, L), codes (B, L), counts (K,)."""
+        """Per-step bookkeeping in training mode: dead-code restart. z (B, D, L), codes (B, L), counts (K,):
+        global (all ranks') counts under torch.distributed, so every rank finds the same dead codes."""
         if self.dead_code_steps <= 0:
             return
-        if _distributed():
-            counts = counts.clone()
-            dist.all_reduce(counts)
         self.unused_steps.add_(1).masked_fill_(counts > 0, 0)
         dead = torch.nonzero(self.unused_steps >= self.dead_code_steps).squeeze(1)
-        if dead.numel() == 0:
+        if dead.numel() == 0:  # the same on every rank: no rank waits on a collective another skips
             return
-        # Re-seed each dead code from a random recent encoder output (rank 0's choice on all ranks).
-        pick = torch.randint(codes.numel(), (dead.numel(),), device=z.device)
-        vectors = z[pick // z.shape[2], :, pick % z.shape[2]]  # (dead, D)
+        # Re-seed each dead code from a random recent encoder output: rows in batch order, over all ranks.
         if _distributed():
-            dist.broadcast(vectors, 0)
+            vectors = _pick_rows(z, dead.numel())
+        else:
+            pick = torch.randint(codes.numel(), (dead.numel(),), device=z.device)
+            vectors = z[pick // z.shape[2], :, pick % z.shape[2]]  # (dead, D)
         self._set_codes(dead, vectors)
         self.unused_steps[dead] = 0
 
@@ -214,9 +223,8 @@ class EMAVectorQuantizer(VectorQuantizer):
     @torch.no_grad()
     def _update(self, z: torch.Tensor, codes: torch.Tensor, counts: torch.Tensor) -> None:
         sums = scatter_sum(z, codes, self.codebook_size)  # (K, D)
-        counts_f = counts.to(z.dtype)
+        counts_f = counts.to(z.dtype)  # already global under torch.distributed
         if _distributed():
-            dist.all_reduce(counts_f)
             dist.all_reduce(sums)
         self.cluster_size.mul_(self.decay).add_(counts_f, alpha=1 - self.decay)
         self.embed_sum.mul_(self.decay).add_(sums, alpha=1 - self.decay)
@@ -252,3 +260,45 @@ def _lookup(embeddings: torch.Tensor, codes: torch.Tensor, channels_last: bool =
 
 def _distributed() -> bool:
     return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
+
+def _row_counts(n: int, device: torch.device) -> list[int]:
+    """The number of rows each rank holds (this rank's is `n`), in rank order."""
+    sizes = [torch.zeros(1, dtype=torch.long, device=device) for _ in range(dist.get_world_size())]
+    dist.all_gather(sizes, torch.tensor([n], dtype=torch.long, device=device))
+    return [int(s) for s in sizes]
+
+
+def _gather_rows(rows: torch.Tensor) -> torch.Tensor | None:
+    """Every rank's rows (N_r, D), concatenated in rank order, on rank 0 (None on other ranks). Ranks may
+    hold different numbers of rows: each sends its rows padded to the largest count."""
+    sizes = _row_counts(rows.shape[0], rows.device)
+    padded = rows.new_zeros(max(sizes), rows.shape[1])
+    padded[:rows.shape[0]] = rows
+    parts = [torch.empty_like(padded) for _ in sizes]
+    dist.all_gather(parts, padded)
+    if dist.get_rank() != 0:
+        return None
+    return torch.cat([part[:n] for part, n in zip(parts, sizes)])
+
+
+def _pick_rows(z: torch.Tensor, count: int) -> torch.Tensor:
+    """`count` vectors drawn at random (rank 0's draw, the one a single process would make) from the rows
+    of every rank's z (B_r, D, L), numbered in rank order then (b, l) order; the same on every rank.
+
+    Only the picked indices are broadcast; each rank writes the vectors it holds and a sum over ranks
+    (exact: the other ranks add zeros) puts them together.
+    """
+    L = z.shape[2]
+    sizes = _row_counts(z.shape[0] * L, z.device)
+    start = sum(sizes[:dist.get_rank()])
+    pick = torch.randint(sum(sizes), (count,), device=z.device) if dist.get_rank() == 0 else \
+        torch.empty(count, dtype=torch.long, device=z.device)
+    dist.broadcast(pick, 0)
+    local = pick - start
+    mine = (local >= 0) & (local < z.shape[0] * L)
+    local = local.clamp(0, z.shape[0] * L - 1)
+    vectors = z[local // L, :, local % L] * mine[:, None].to(z.dtype)  # (count, D)
+    dist.all_reduce(vectors)
+    return vectors

@@ -8,6 +8,16 @@ checkpoint and ends with the same weights as a run never stopped. Ctrl-C and SIG
 before exiting. The process that trains holds the run directory's lock (`Run.lock`).
 
 On a terminal, progress is a live bar; in a pipe or a CI log, plain lines at a modest rate.
+
+Several processes (`torchrun --nproc-per-node N -m vqvae train ...`): `init_distributed` joins the process
+group torchrun describes (gloo on CPU, NCCL on CUDA); the model is wrapped in DistributedDataParallel; every
+rank draws the same global batch from the seed and trains on its slice (rank r: rows [r B/N, (r+1) B/N)), so
+N processes at B/N each see the images one process sees at B. Rank 0 alone shows progress, writes the log
+and the checkpoints (others wait at a barrier); logged figures are means over ranks; checkpoints hold the
+unwrapped model's weights (no `module.` prefixes).
+
+`precision` "bf16" or "fp16" runs the loss under autocast (the quantizer turns it off for its own fp32
+arithmetic); "fp16" adds a gradient scaler and needs CUDA.
 """
 
 from __future__ import annotations
@@ -21,17 +31,20 @@ import signal
 import threading
 import time
 import uuid
+from contextlib import nullcontext
 from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
 import torch
+import torch.distributed as dist
 from rich.console import Console
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .autoencoders import VQVAE
 from .config import ModelConfig, TrainConfig, from_dict, to_dict, write_atomically, write_json
 from .data import load_dataset
+from .devices import AUTOCAST, barrier, batch_share, init_distributed, pick_device, world
 from .errors import ConfigError, RunError
 from .evaluate import encode_dataset, evaluate_autoencoder, integer_prior_figures, likelihood, prior_figures
 from .pretrained import fingerprint
@@ -49,74 +62,6 @@ class Stopped(Exception):
     def __init__(self, step: int):
         super().__init__(f"stopped at step {step}; checkpoint saved, continue with --resume")
         self.step = step
-
-
-def pick_device(name: str = "auto") -> torch.device:
-    """"auto" -> cuda if available, else mps, else cpu; otherwise the named device, which must exist here
-    (else a one-line `ConfigError`: e.g. "cuda" on a CPU-only build of torch)."""
-    if name == "auto":
-        if torch.cuda.is_available():
-            return torch.device("cuda")
-        if getattr(torch.backends, "mps", None) is not None and torch.backends.mps.is_available():
-            return torch.device("mps")
-        return torch.device("cpu")
-    try:
-        device = torch.device(name)
-    except (RuntimeError, TypeError):
-        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}") from None
-    if device.type == "cuda":
-        count = torch.cuda.device_count() if torch.cuda.is_available() else 0
-        if count == 0:
-            raise ConfigError(f"device {name!r}: no CUDA GPU is usable here (torch {torch.__version__}"
-                              f"{'' if torch.version.cuda else ', a CPU-only build'}); use --device cpu or auto")
-        if device.index is not None and device.index >= count:
-            raise ConfigError(f"device {name!r}: there are {count} CUDA GPU(s), numbered from 0")
-    elif device.type == "mps":
-        if getattr(torch.backends, "mps", None) is None or not torch.backends.mps.is_available():
-            raise ConfigError(f"device {name!r}: Apple's MPS is not available here; use --device cpu or auto")
-    elif device.type != "cpu":
-        raise ConfigError(f"device must be auto, cpu, cuda, cuda:N or mps, got {name!r}")
-    return device
-
-
-# -- threads ----------------------------------------------------------------------------------------------
-def usable_cpus() -> int:
-    """CPUs this process may run on: its affinity set, capped by a cgroup CPU quota (containers)."""
-    cpus = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else (os.cpu_count() or 1)
-    try:
-        quota, period = Path("/sys/fs/cgroup/cpu.max").read_text().split()[:2]
-        if quota != "max":
-            cpus = min(cpus, max(1, math.ceil(int(quota) / int(period))))
-    except (OSError, ValueError):
-        pass
-    return max(1, cpus)
-
-
-def pick_threads() -> int:
-    """Threads for PyTorch's CPU work that do not oversubscribe the machine: the usable CPUs less the ones
-    other work keeps busy (the load average of the last minute, rounded), at least 1.
-
-    PyTorch's default (one thread per core) assumes an idle machine; on a busy one its threads wait on
-    each other: on a 2-core machine with other jobs running, the demo's training ran 10x slower with 2
-    threads than with 1.
-    """
-    cpus = usable_cpus()
-    try:
-        busy = os.getloadavg()[0]
-    except (OSError, AttributeError):  # no load average (Windows): assume an idle machine
-        busy = 0.0
-    return max(1, min(cpus, int(cpus - busy + 0.5)))
-
-
-def set_threads(threads: int = 0) -> int:
-    """Set PyTorch's CPU threads: `threads` if > 0; else OMP_NUM_THREADS if set (it stands); else
-    `pick_threads()`. Returns the number in use."""
-    if threads < 0:
-        raise ConfigError(f"threads must be >= 0 (0: choose), got {threads}")
-    if threads == 0 and os.environ.get("OMP_NUM_THREADS", "").strip():
-        return torch.get_num_threads()
-    torch.set_num_threads(threads or pick_threads())
-    return torch.get_num_threads()
 
 
 def lr_factor(progress: float, warmup_fraction: float, min_ratio: float) -> float:
@@ -226,12 +171,34 @@ class Trainer:
         self.out_dir.mkdir(parents=True, exist_ok=True)
         self.optimizer = torch.optim.Adam(self.model.parameters(), lr=self.cfg.lr)
         self.generator = torch.Generator().manual_seed(self.cfg.seed)
+        self.rank, self.world_size = world()
+        self.device = next(self.model.parameters()).device
+        if self.cfg.batch_size % self.world_size:
+            raise ConfigError(f"batch_size {self.cfg.batch_size} is the global batch: it must be a multiple of "
+                              f"the {self.world_size} processes")
+        if self.cfg.precision == "fp16" and self.device.type != "cuda":
+            raise ConfigError(f"precision fp16 needs a CUDA device (here {self.device.type}); use bf16 or fp32")
+        self.scaler = torch.amp.GradScaler("cuda") if self.cfg.precision == "fp16" else None
+        self.train_model = self.model
+        if self.world_size > 1:  # buffers (EMA codebooks) are kept equal by the quantizer, not broadcast
+            from torch.nn.parallel import DistributedDataParallel
+
+            ids = [self.device.index] if self.device.type == "cuda" else None
+            self.train_model = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+        if self.rank != 0:
+            self.show_progress = False
 
     # -- checkpoints -------------------------------------------------------------------------------
     def checkpoint(self) -> None:
         """Write the weights for users (`save`), then the checkpoint: train_state.pt, one file holding the
         weights again with the optimizer, step, elapsed time and RNG, renamed into place. `resume` reads
-        only that file, so a kill between the two writes leaves the last checkpoint whole."""
+        only that file, so a kill between the two writes leaves the last checkpoint whole. Several
+        processes: rank 0 writes, the others wait for it."""
+        if self.rank == 0:
+            self._write_checkpoint()
+        barrier()
+
+    def _write_checkpoint(self) -> None:
         self.save(self.out_dir)
         _checkpoint_hook(self.step)
         state = {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
@@ -264,7 +231,9 @@ class Trainer:
             raise RunError(f"{path}: does not fit this run's model ({_first_line(e)}); it belongs to another "
                            "run") from None
         self.step, self.elapsed = state["step"], float(state["elapsed"])
-        self._truncate_metrics()
+        if self.rank == 0:
+            self._truncate_metrics()
+        barrier()
 
     def _check_optimizer_state(self, saved: dict) -> None:
         """Raise ValueError unless `saved` (an optimizer state dict) has this optimizer's groups and, for each
@@ -351,30 +320,40 @@ class Trainer:
         last: dict = {}
         live = ""
         display, show = self._progress()
+        dtype = AUTOCAST[cfg.precision]
         try:
-            with open(self.out_dir / METRICS_NAME, "a") as log, display:
+            with (open(self.out_dir / METRICS_NAME, "a") if self.rank == 0 else nullcontext()) as log, display:
                 model.train()
                 while self.progress_fraction() < 1.0:
                     t0 = time.perf_counter()
                     for group in self.optimizer.param_groups:
                         group["lr"] = cfg.lr * lr_factor(self.progress_fraction(), warmup, cfg.lr_min_ratio)
-                    loss, metrics = self.loss_fn(model, self.next_batch(self.generator))
+                    batch = batch_share(self.next_batch(self.generator), self.rank, self.world_size)
+                    with torch.autocast(self.device.type, dtype=dtype) if dtype else nullcontext():
+                        loss, metrics = self.loss_fn(self.train_model, batch)
                     self.optimizer.zero_grad(set_to_none=True)
-                    loss.backward()
-                    self.optimizer.step()
+                    if self.scaler is not None:
+                        self.scaler.scale(loss).backward()
+                        self.scaler.step(self.optimizer)
+                        self.scaler.update()
+                    else:
+                        loss.backward()
+                        self.optimizer.step()
                     self.step += 1
                     self.elapsed += time.perf_counter() - t0
+                    self._agree()
                     for k, v in {"loss": loss.detach(), **metrics}.items():
                         running[k] = running.get(k, 0.0) + float(v)
                     count += 1
                     if self.step % cfg.log_every == 0 or self.progress_fraction() >= 1.0 or self._stop_requested:
-                        last = {k: v / count for k, v in running.items()}
+                        last = self._mean_over_ranks({k: v / count for k, v in running.items()})
                         running.clear()
                         count = 0
                         record = {"step": self.step, "time": round(self.elapsed, 3),
                                   "lr": self.optimizer.param_groups[0]["lr"], **last}
-                        log.write(json.dumps(record) + "\n")
-                        log.flush()
+                        if log is not None:
+                            log.write(json.dumps(record) + "\n")
+                            log.flush()
                         live = self.fmt(last)
                     show(self.step, self.progress_fraction(), live)
                     if self._stop_requested:
@@ -388,6 +367,23 @@ class Trainer:
                 signal.signal(sig, handler)
         model.eval()
         return last
+
+    def _agree(self) -> None:
+        """Several processes: every rank takes the largest elapsed time and stops if any rank was asked to,
+        so all ranks end the loop at the same step (a rank that stopped alone would hang the others)."""
+        if self.world_size == 1:
+            return
+        flags = torch.tensor([float(self._stop_requested), self.elapsed], dtype=torch.float64, device=self.device)
+        dist.all_reduce(flags, op=dist.ReduceOp.MAX)
+        self._stop_requested, self.elapsed = bool(flags[0] > 0), float(flags[1])
+
+    def _mean_over_ranks(self, metrics: dict) -> dict:
+        """Logged figures as means over ranks (each rank's are means over its equal share of the batch)."""
+        if self.world_size == 1 or not metrics:
+            return metrics
+        values = torch.tensor(list(metrics.values()), dtype=torch.float64, device=self.device)
+        dist.all_reduce(values)
+        return dict(zip(metrics, (values / self.world_size).tolist()))
 
 
 def holding_run_lock(owner: str):
@@ -415,20 +411,26 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
     console = console or Console(stderr=True)
     if resume:
         model_cfg, train_cfg = run.section("model", ModelConfig), run.section("train", TrainConfig)
-    device = pick_device(train_cfg.device)
+    device = init_distributed(pick_device(train_cfg.device))
+    rank, _ = world()
     data = load_dataset(train_cfg.data, seed=train_cfg.seed)
     train_x = data.train  # (N, C, H, W); the model pads sizes that are not a multiple of its downsampling
     if data.channels != model_cfg.in_channels:
         model_cfg = replace(model_cfg, in_channels=data.channels)
-    with run.lock("vqvae train", create=True):
-        if not resume and run.state_path.exists():
-            raise RunError(f"{out_dir}: already holds a run; pass --resume to continue it or choose another --out")
+    if not resume and run.state_path.exists():
+        raise RunError(f"{out_dir}: already holds a run; pass --resume to continue it or choose another --out")
+    barrier()  # every rank has checked before rank 0 writes anything
+    with run.lock("vqvae train", create=True) if rank == 0 else nullcontext():
         run_id = run.config.get("id") if resume else uuid.uuid4().hex
+        if world()[1] > 1:  # rank 0's id on every rank
+            shared = [run_id]
+            dist.broadcast_object_list(shared, 0)
+            run_id = shared[0]
         torch.manual_seed(train_cfg.seed)
         if device.type == "cpu":  # the quantizer's C++ kernel: compiled on first use (~30 s), then cached
             from .nearest import build_kernel
 
-            with console.status("building the quantizer's CPU kernel (first use only)"):
+            with console.status("building the quantizer's CPU kernel (first use only)") if rank == 0 else nullcontext():
                 build_kernel()
         model = run.model(device) if resume else VQVAE(model_cfg).to(device)
         extra = {**({"id": run_id} if run_id else {}), "train": to_dict(train_cfg),
@@ -438,7 +440,7 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
 
         def next_batch(gen: torch.Generator) -> torch.Tensor:
             idx = torch.randint(train_x.shape[0], (train_cfg.batch_size,), generator=gen)
-            return train_x[idx.to(device)]
+            return train_x[idx.to(device)]  # the global batch; the trainer keeps this rank's slice
 
         def loss_fn(m, x):
             out = m(x)
@@ -453,11 +455,13 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
                           identity={"run": run_id} if run_id else {})
         if resume:
             trainer.resume()
-        else:
+        elif rank == 0:
             run.metrics_path.unlink(missing_ok=True)
             model.save_pretrained(out_dir, extra)
+        barrier()
         trainer.fit()
-    return evaluate_autoencoder(model, data.test)
+    # Held-out figures from rank 0 alone (the model is in eval mode: the quantizer makes no collectives).
+    return evaluate_autoencoder(model, data.test) if rank == 0 else {}
 
 
 # -- priors ---------------------------------------------------------------------------------------------
