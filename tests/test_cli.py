@@ -434,6 +434,7 @@ def test_an_unexpected_end_of_file_is_an_error_not_a_silent_interrupt(run_dir, c
 
     monkeypatch.setattr("vqvae.evaluate_run", cut_short)
     code, _, err = run(capsys, "eval", run_dir)
+    assert code == 2  # not 130, click's silent Abort
     _one_line_error(code, err, "a file ended early (Ran out of input)")
 
 
