@@ -1,12 +1,16 @@
-"""Shared by the codec tests: tiny models and priors, structured images, round-trip checks."""
+"""Shared by the codec tests: tiny models and priors, structured images, round-trip checks, and the fixtures
+(registered in conftest.py: one_thread, model, prior, small_file; a test file's own fixture of the same
+name takes precedence)."""
 
 import zlib
 
 import numpy as np
+import pytest
 import torch
 import torch.nn.functional as F
 
 from vqvae.autoencoders import VQVAE
+from vqvae.codec import compress
 from vqvae.config import ModelConfig, PriorConfig, QuantizerConfig
 from vqvae.data import to_uint8
 from vqvae.integer_priors import IntegerPrior
@@ -77,3 +81,29 @@ def assert_round_trip(model, images, out, stats):
         ref_codes, ref_image = reference(model, x)
         assert torch.equal(codes, ref_codes)
         assert y.shape == x.shape and same_pixels(y, ref_image)
+
+
+@pytest.fixture(scope="module")
+def one_thread():
+    """Tiny models run faster on one thread, and much faster on a loaded machine (no spinning workers)."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+@pytest.fixture(scope="module")
+def model():
+    return tiny_model()
+
+
+@pytest.fixture(scope="module")
+def prior():
+    return tiny_iprior()
+
+
+@pytest.fixture(scope="module")
+def small_file(model, prior):
+    """One 28x28 image, range-coded: the file the corruption tests mutate."""
+    data, _ = compress(model, prior, blobs(1, seed=5))
+    return data

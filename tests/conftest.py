@@ -6,6 +6,8 @@ from rich.console import Console
 from vqvae.config import ModelConfig, QuantizerConfig, TrainConfig
 from vqvae.train import train_autoencoder, train_prior
 
+pytest_plugins = ["codec_support"]  # the codec tests' fixtures
+
 TINY_MODEL = ModelConfig(hidden=8, res_hidden=4, res_blocks=1,
                          quantizer=QuantizerConfig(codebook_size=16, code_dim=4))
 TINY_PRIOR = dict(n_layer=1, n_embd=16, n_head=2)

@@ -21,31 +21,7 @@ from vqvae.priors import TransformerPrior
 
 from codec_support import K, assert_round_trip, blobs, integer, reference, tiny_iprior, tiny_model, tiny_prior
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster on a loaded machine (no spinning workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def prior():
-    return tiny_iprior()
-
-
-@pytest.fixture(scope="module")
-def small_file(model, prior):
-    """One 28x28 image, range-coded: the file the corruption tests mutate."""
-    data, _ = compress(model, prior, blobs(1, seed=5))
-    return data
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures: codec_support.py
 
 
 # --- round trips ---------------------------------------------------------------------------------
@@ -173,7 +149,6 @@ def test_compress_restores_modes_and_leaves_weights_alone(model):
     assert m.training and p.training
 
 
-
 # --- rate ----------------------------------------------------------------------------------------
 
 
@@ -199,7 +174,6 @@ def test_payload_is_within_one_percent_of_cross_entropy(model):
     with torch.no_grad():  # the integer model costs little over the float one
         float_bits = -float_prior.log_prob(codes).sum().item() / math.log(2)
     assert ce == pytest.approx(float_bits, rel=1e-2)
-
 
 
 def test_round_trip_of_the_500_held_out_digits():

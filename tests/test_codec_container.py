@@ -18,31 +18,7 @@ from vqvae.priors import TransformerPrior
 
 from codec_support import K, blobs, reference, reseal, same_pixels, tiny_iprior, tiny_model, tiny_prior
 
-
-@pytest.fixture(scope="module", autouse=True)
-def one_thread():
-    """Tiny models run faster on one thread, and much faster on a loaded machine (no spinning workers)."""
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-@pytest.fixture(scope="module")
-def model():
-    return tiny_model()
-
-
-@pytest.fixture(scope="module")
-def prior():
-    return tiny_iprior()
-
-
-@pytest.fixture(scope="module")
-def small_file(model, prior):
-    """One 28x28 image, range-coded: the file the corruption tests mutate."""
-    data, _ = compress(model, prior, blobs(1, seed=5))
-    return data
+pytestmark = pytest.mark.usefixtures("one_thread")  # fixtures: codec_support.py
 
 
 # --- header and fingerprints ---------------------------------------------------------------------

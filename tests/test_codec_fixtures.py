@@ -87,25 +87,30 @@ def test_fixture_decodes_to_its_codes_and_pixels(model, name):
         assert image.dtype == torch.float32 and np.array_equal(to_uint8(image), expected)  # 8-bit pixels
 
 
-@pytest.mark.parametrize("name", NAMES)
-def test_fixture_bytes_are_rebuilt_from_its_codes(model, name):
-    """The writer side: the same codes give the same bytes, header, payload and CRC (version 1)."""
-    entry, data, prior, counts, codes, _ = load(name)
+def rebuild(model, entry, prior, counts, codes, version: int) -> bytes:
+    """The file the writer makes from these codes: header, payload and CRC (the labels as stored)."""
     flat = np.concatenate([c.reshape(-1) for c in codes]).astype(np.int64)
     shapes = tuple(tuple(s) for s in entry["shapes"])
     if prior is None:
         payload, _ = huffman.encode(counts.numpy(), flat)
         second = counts_fingerprint(counts.numpy())
     else:
-        source = entropy.FloatPriorFrequencies(prior)
+        source = entropy.frequency_source(prior)  # float prior (version 1) or integer prior (version 2)
         layout = entropy.make_layout([latent_shape(s, model.cfg.downsample) for s in shapes], source.hw)
         labels = None if entry["labels"] is None else np.array(entry["labels"])
         with torch.no_grad():
             payload, _ = entropy.range_encode(source, layout, labels, flat)
         second = fingerprint(prior)
     labels = None if entry["labels"] is None else tuple(entry["labels"])
-    header = Header(entry["coder"], fingerprint(model), second, shapes, labels, version=1)
-    assert seal(header, payload) == data
+    return seal(Header(entry["coder"], fingerprint(model), second, shapes, labels, version,
+                       entry.get("integer_model", 0)), payload)
+
+
+@pytest.mark.parametrize("name", NAMES)
+def test_fixture_bytes_are_rebuilt_from_its_codes(model, name):
+    """The writer side: the same codes give the same bytes, header, payload and CRC (version 1)."""
+    entry, data, prior, counts, codes, _ = load(name)
+    assert rebuild(model, entry, prior, counts, codes, version=1) == data
 
 
 @pytest.mark.parametrize("name", NAMES)
@@ -217,18 +222,4 @@ def test_v2_fixture_decodes_to_its_codes_and_pixels(model, name):
 def test_v2_fixture_bytes_are_rebuilt_from_its_codes(model, name):
     """The writer side of version 2: the same codes give the same bytes."""
     entry, data, prior, counts, codes, _ = load_v2(name)
-    flat = np.concatenate([c.reshape(-1) for c in codes]).astype(np.int64)
-    shapes = tuple(tuple(s) for s in entry["shapes"])
-    if prior is None:
-        payload, _ = huffman.encode(counts.numpy(), flat)
-        second = counts_fingerprint(counts.numpy())
-    else:
-        source = entropy.IntegerPriorFrequencies(prior)
-        layout = entropy.make_layout([latent_shape(s, model.cfg.downsample) for s in shapes], source.hw)
-        labels = None if entry["labels"] is None else np.array(entry["labels"])
-        with torch.no_grad():
-            payload, _ = entropy.range_encode(source, layout, labels, flat)
-        second = fingerprint(prior)
-    labels = None if entry["labels"] is None else tuple(entry["labels"])
-    header = Header(entry["coder"], fingerprint(model), second, shapes, labels, 2, entry["integer_model"])
-    assert seal(header, payload) == data
+    assert rebuild(model, entry, prior, counts, codes, version=2) == data
