@@ -36,7 +36,8 @@ def test_code_cache_is_keyed(tmp_path):
               "train_labels": None, "test_labels": None}
     run.write_codes(arrays, {"model": "ab", "shifts": 0})
     back = run.read_codes({"model": "ab", "shifts": 0})
-    assert torch.equal(back["train"], arrays["train"]) and back["train_labels"] is None
+    assert isinstance(back["train"], np.memmap) and not back["train"].flags.writeable  # read from disk as needed
+    assert np.array_equal(back["train"], arrays["train"].numpy()) and back["train_labels"] is None
     assert run.read_codes({"model": "cd", "shifts": 0}) is None  # other weights: encode again
     (run.codes_dir / "train.npy").write_bytes(b"")  # a damaged cache is not an error, only a miss
     assert run.read_codes({"model": "ab", "shifts": 0}) is None
@@ -94,6 +95,99 @@ def test_integer_prior_is_made_once_for_a_run_without_one(tiny_run, tmp_path):
     shutil.rmtree(copy / "prior" / "integer")
     with pytest.raises(RunError, match="train.npy: missing"):
         Run(copy).integer_prior()
+
+
+def test_codes_written_in_chunks_equal_the_codes_in_memory(tmp_path):
+    """A cache filled chunk by chunk (`CodeChunks`) reads back equal to the whole array, and a write killed
+    part way (an exception, or SIGKILL in another process) leaves a cache that is never used."""
+    import os
+    import signal
+    import subprocess
+    import sys
+
+    from vqvae.run import CodeChunks
+
+    run = Run(tmp_path)
+    codes = torch.randint(0, 16, (23, 3, 4), dtype=torch.int16)
+    key = {"model": "ab", "shifts": 0}
+    chunks = CodeChunks(23, (codes[i:i + 5] for i in range(0, 23, 5)))
+    run.write_codes({"train": chunks, "test": codes[:2], "train_labels": torch.arange(23), "test_labels": None}, key)
+    back = run.read_codes(key)
+    assert back["train"].dtype == np.int16 and np.array_equal(back["train"], codes.numpy())
+    assert np.array_equal(back["train_labels"], np.arange(23)) and back["test_labels"] is None
+    assert not list(run.codes_dir.glob(".*.tmp"))
+
+    def failing():
+        yield codes[:5]
+        raise KeyboardInterrupt  # the process stops in the middle of the cache
+
+    with pytest.raises(KeyboardInterrupt):
+        run.write_codes({"train": CodeChunks(23, failing()), "test": codes[:2]}, key)
+    assert run.read_codes(key) is None and not list(run.codes_dir.glob(".*.tmp"))
+    with pytest.raises(ValueError, match="22 code grids written, 23 announced"):
+        run.write_codes({"train": CodeChunks(23, [codes[:22]]), "test": codes[:2]}, key)
+    assert run.read_codes(key) is None
+
+    killed = (f"import os, signal, torch\nfrom vqvae.run import Run, CodeChunks\n"
+              f"def chunks():\n    yield torch.zeros(5, 3, 4, dtype=torch.int16)\n"
+              f"    os.kill(os.getpid(), signal.SIGKILL)\n"
+              f"Run({str(tmp_path)!r}).write_codes({{'train': CodeChunks(23, chunks()), 'test': None}}, {key!r})\n")
+    run.write_codes({"train": codes, "test": codes[:2]}, key)
+    assert run.read_codes(key) is not None
+    done = subprocess.run([sys.executable, "-c", killed], env={**os.environ, "OMP_NUM_THREADS": "1"}, timeout=120)
+    assert done.returncode == -signal.SIGKILL
+    assert list(run.codes_dir.glob(".train.npy.*.tmp"))  # what the kill left: a temp file, no meta.json
+    assert run.read_codes(key) is None
+    run.write_codes({"train": codes, "test": codes[:2]}, key)  # the next write clears it away
+    assert run.read_codes(key) is not None and not list(run.codes_dir.glob(".*.tmp"))
+
+
+def test_cached_codes_equal_encoding_in_memory(tiny_run, tmp_path):
+    """The prior's training codes, encoded in chunks of 100 images (four shift offsets of 9, so chunks
+    cross offsets' ends) into a memory-mapped cache, equal encoding each shifted copy whole."""
+    import shutil
+
+    from vqvae.evaluate import encode_dataset
+    from vqvae.train import cached_codes, shifted
+
+    shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("codes"))
+    run = Run(tmp_path / "run")
+    model = run.model()
+    data = run.dataset()
+    data.train, data.train_labels = data.train[:250], data.train_labels[:250]
+    run.dataset = lambda uri=None: data  # a smaller training split: a faster test
+    codes = cached_codes(run, model, shifts=1, chunk=100)
+    expected = torch.cat([encode_dataset(model, shifted(data.train, dy, dx))
+                          for dy, dx in [(0, 0), (-1, -1), (-1, 0), (-1, 1), (0, -1), (0, 1), (1, -1), (1, 0), (1, 1)]])
+    assert isinstance(codes["train"], np.memmap) and codes["train"].shape == (9 * 250, 7, 7)
+    assert np.array_equal(codes["train"], expected.numpy())
+    assert np.array_equal(codes["train_labels"], data.train_labels.repeat(9).numpy())
+    assert np.array_equal(codes["test"], encode_dataset(model, data.test).numpy())
+    again = cached_codes(run, model, shifts=1)  # read from the cache, not encoded again
+    assert np.array_equal(again["train"], codes["train"])
+
+
+def test_the_integer_prior_is_made_under_the_run_lock(tiny_run, tmp_path):
+    """Another process holding the run (training it) means the integer prior is not written meanwhile."""
+    import shutil
+
+    shutil.copytree(tiny_run, tmp_path / "run")
+    shutil.rmtree(tmp_path / "run" / "prior" / "integer")
+    held = []
+    original = Run.quantize_prior
+
+    def spy(self):
+        from vqvae.run import _held
+
+        held.append(str(self.path.resolve()) in _held)
+        return original(self)
+
+    Run.quantize_prior = spy
+    try:
+        Run(tmp_path / "run").integer_prior()
+    finally:
+        Run.quantize_prior = original
+    assert held == [True]
 
 
 # -- the lock ------------------------------------------------------------------------------------------------

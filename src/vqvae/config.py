@@ -245,6 +245,7 @@ class TrainConfig:
     checkpoint_every: int = 500
     device: str = "auto"
     precision: str = "fp32"  # fp32, bf16 or fp16 (autocast for the nets; the quantizer stays fp32)
+    eval_every: int = 0  # held-out figures, best checkpoint and overfit warning every this many steps (0: never)
 
     def __post_init__(self) -> None:
         _integers(self, "steps", "batch_size", "warmup_steps", "seed", "log_every", "checkpoint_every")
@@ -260,6 +261,8 @@ class TrainConfig:
         _check(self.warmup_steps >= 0, "warmup_steps", ">= 0", self.warmup_steps)
         _check(self.log_every >= 1, "log_every", "at least 1", self.log_every)
         _check(self.checkpoint_every >= 1, "checkpoint_every", "at least 1", self.checkpoint_every)
+        _integers(self, "eval_every")
+        _check(self.eval_every >= 0, "eval_every", ">= 0 (0: no held-out evaluation)", self.eval_every)
 
 
 def to_dict(cfg: Any) -> dict:

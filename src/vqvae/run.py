@@ -2,10 +2,13 @@
 
     runs/NAME/
       config.json  model.safetensors       the autoencoder (ModelConfig + data and train sections)
+      model.best.safetensors               its weights at the best held-out evaluation (`--eval-every`)
       train_state.pt  metrics.jsonl        resume state and the training log
       recon.png  samples.png  heldout.vqz  pictures and files the commands write
-      codes/{train,test}[_labels].npy      cached int16 code grids (meta.json says of which weights)
+      codes/{train,test}[_labels].npy      cached int16 code grids (meta.json says of which weights),
+                                           written in chunks and read memory-mapped
       prior/                               the learned prior (config.json, model.safetensors, train.json, ...)
+      prior/model.best.safetensors         the prior's weights at its best held-out evaluation
       prior/integer/                       its integer model, which drives the range coder
       .lock                                held by the process that writes the run (`Run.lock`)
 
@@ -21,12 +24,15 @@ processes never write one run directory at once.
 
 from __future__ import annotations
 
+import itertools
 import json
 import os
 import shutil
+import uuid
 from contextlib import contextmanager
 from functools import cached_property
 from pathlib import Path
+from typing import Iterable, NamedTuple
 
 import numpy as np
 import torch
@@ -38,15 +44,24 @@ CODE_SPLITS = ("train", "test", "train_labels", "test_labels")
 _held: dict[str, int] = {}  # run directories this process holds the lock of -> nesting depth
 
 
+class CodeChunks(NamedTuple):
+    """`rows` code grids arriving as chunks (n_i, *S') with n_i summing to `rows`: what `Run.write_codes`
+    writes to disk as they come, never holding them all."""
+
+    rows: int
+    chunks: Iterable
+
+
 class Run:
     """The run directory at `path` (written by `vqvae train`, completed by `vqvae prior`)."""
 
     STATE, METRICS = "train_state.pt", "metrics.jsonl"
     RECON, SAMPLES, HELDOUT = "recon.png", "samples.png", "heldout.vqz"
+    BEST = "model.best.safetensors"  # weights at the best held-out evaluation, beside model.safetensors
     LOCK = ".lock"
     # every name a run directory can hold: what `foreign_entries` does not count and `clear` removes
     LAYOUT = frozenset({pretrained.CONFIG_NAME, pretrained.WEIGHTS_NAME, STATE, METRICS, RECON, SAMPLES, HELDOUT,
-                        "report.html", "codes", "prior", LOCK})
+                        BEST, "report.html", "codes", "prior", LOCK})
 
     def __init__(self, path: str | Path):
         self.path = Path(path)
@@ -81,6 +96,10 @@ class Run:
     @property
     def metrics_path(self) -> Path:
         return self.path / self.METRICS
+
+    def best_path(self, prior: bool = False) -> Path:
+        """Where training keeps the weights of its best held-out evaluation: the autoencoder's, or the prior's."""
+        return (self.prior_dir if prior else self.path) / self.BEST
 
     def exists(self) -> bool:
         """True when the directory holds a trained model (config.json and model.safetensors)."""
@@ -220,17 +239,31 @@ class Run:
                            f"got {value!r}")
         return value
 
-    def model(self, device: str | torch.device = "cpu"):
-        """The trained VQVAE, in eval mode on `device` (read once per Run object)."""
+    def model(self, device: str | torch.device = "cpu", best: bool = False):
+        """The trained VQVAE, in eval mode on `device` (read once per Run object); `best`: with the weights of
+        its best held-out evaluation (`model.best.safetensors`, kept by training with `--eval-every`)."""
         from .autoencoders import VQVAE
 
         def load():
             try:
-                return VQVAE.from_pretrained(self.path, device)
+                model = VQVAE.from_pretrained(self.path, device)
             except ConfigError as e:  # a hand-edited config.json: name the file
                 raise RunError(f"{self.path / pretrained.CONFIG_NAME}: bad 'model' section ({e})") from None
+            return self._load_best(model, self.best_path(), device) if best else model
 
-        return self._load("model", device, load)
+        return self._load("best model" if best else "model", device, load)
+
+    @staticmethod
+    def _load_best(module: torch.nn.Module, path: Path, device) -> torch.nn.Module:
+        from safetensors.torch import load_file
+
+        if not path.is_file():
+            raise RunError(f"{path}: missing; training keeps a best checkpoint only with --eval-every N")
+        try:
+            module.load_state_dict(load_file(str(path), device=str(device)))
+        except Exception as e:  # safetensors raises its own error types for bad headers
+            raise RunError(f"{path}: cannot load weights ({str(e).splitlines()[0]})") from None
+        return module.eval()
 
     def dataset(self, uri: str | None = None):
         """The run's dataset (train and held-out splits), or the dataset `uri` names instead."""
@@ -239,12 +272,16 @@ class Run:
         return load_dataset(uri or self.data_uri)
 
     # -- the prior ---------------------------------------------------------------------------------
-    def prior(self, device: str | torch.device = "cpu"):
-        """The learned (float) prior, in eval mode: what sampling and likelihoods use."""
+    def prior(self, device: str | torch.device = "cpu", best: bool = False):
+        """The learned (float) prior, in eval mode: what sampling and likelihoods use; `best`: with the weights
+        of its best held-out evaluation (prior/model.best.safetensors, kept with `--eval-every`)."""
         from .priors import load_prior
 
         if not self.has_prior():
             raise RunError(f"{self.prior_dir}: no prior; train one with `vqvae prior {self.path}` first")
+        if best:
+            return self._load("best prior", device, lambda: self._load_best(
+                load_prior(self.prior_dir, device), self.best_path(prior=True), device))
         return self._load("prior", device, lambda: load_prior(self.prior_dir, device))
 
     def integer_prior(self, device: str | torch.device = "cpu"):
@@ -253,22 +290,26 @@ class Run:
         from .integer_priors import load_integer_prior
 
         if not self.has_integer_prior():
-            self.quantize_prior()
+            with self.lock("vqvae (making the integer prior)"):
+                if not self.has_integer_prior():
+                    self.quantize_prior()
         return self._load("integer_prior", device, lambda: load_integer_prior(self.integer_prior_dir, device))
 
     def quantize_prior(self):
         """Make the integer model of the run's prior, calibrated on the cached training codes, and save it
         under prior/integer/ -> the IntegerPrior."""
-        from .data import read_npy
         from .integer_priors import IntegerPrior
 
         prior = self.prior()
         arrays = {}
+        every = None
         for name in ("train", "train_labels"):
             path = self.codes_dir / f"{name}.npy"
-            try:
-                arrays[name] = torch.from_numpy(read_npy(path).astype(np.int64))
-            except (OSError, ValueError, DataError):
+            try:  # memory-mapped: only the grids the calibration takes are read (from_prior's subsample)
+                mapped = _open_npy(path)
+                every = every or max(1, len(mapped) // 2048)
+                arrays[name] = torch.from_numpy(np.array(mapped[::every], dtype=np.int64))
+            except (OSError, ValueError, EOFError):
                 if name == "train" or prior.cfg.num_classes:
                     raise RunError(f"{path}: missing or unreadable; rerun `vqvae prior {self.path} --force`") from None
         codes = arrays["train"]
@@ -282,19 +323,19 @@ class Run:
         return integer
 
     # -- cached codes --------------------------------------------------------------------------------
-    def read_codes(self, key: dict) -> dict[str, torch.Tensor | None] | None:
+    def read_codes(self, key: dict) -> dict[str, np.ndarray | None] | None:
         """The cached code grids if they were made under `key` (model fingerprint, settings) and are whole:
-        non-empty integer grids (N, *S') with values in 0..K-1, labels (N,) matching them. Else None (a
-        damaged, emptied or foreign cache is made again, never trained on)."""
-        from .data import read_npy
-
+        non-empty integer grids (N, *S') with values in 0..K-1, labels (N,) matching them, as read-only
+        memory-mapped arrays (a code set larger than memory stays on disk; checking the values reads it
+        once). Else None (a damaged, partly written, emptied or foreign cache is made again, never
+        trained on)."""
         meta = self.codes_dir / "meta.json"
         try:
             if json.loads(meta.read_text()) != key:
                 return None
-            arrays = {name: read_npy(self.codes_dir / f"{name}.npy")
+            arrays = {name: _open_npy(self.codes_dir / f"{name}.npy")
                       if (self.codes_dir / f"{name}.npy").is_file() else None for name in CODE_SPLITS}
-        except (OSError, ValueError, DataError):  # missing, partial or unreadable cache: make it again
+        except (OSError, ValueError, EOFError):  # missing, partial or unreadable cache: make it again
             return None
         try:
             K = self.config.get("model", {}).get("quantizer", {}).get("codebook_size")
@@ -306,17 +347,28 @@ class Run:
                     or grids.min() < 0 or (isinstance(K, int) and grids.max() >= K) \
                     or (labels is not None and (labels.shape != grids.shape[:1] or labels.dtype.kind not in "iu")):
                 return None
-        return {name: None if a is None else torch.from_numpy(a) for name, a in arrays.items()}
+        return arrays
 
-    def write_codes(self, arrays: dict[str, torch.Tensor | None], key: dict) -> None:
-        """Cache code grids (int16) and labels; meta.json, written last, says they are complete."""
+    def write_codes(self, arrays: dict[str, torch.Tensor | np.ndarray | CodeChunks | None], key: dict) -> None:
+        """Cache code grids and labels: arrays as they are, `CodeChunks` as int16 grids filled chunk by
+        chunk into a memory-mapped .npy (never all in memory), None as no file. Each file is written under
+        a temp name and renamed into place; meta.json, removed first and written last, says they are
+        complete, so a write killed at any moment leaves a cache that `read_codes` refuses."""
         from .config import write_atomically, write_json
 
         self.codes_dir.mkdir(parents=True, exist_ok=True)
         (self.codes_dir / "meta.json").unlink(missing_ok=True)
+        for stale in self.codes_dir.glob(".*.tmp"):  # what a killed write left behind
+            stale.unlink(missing_ok=True)
         for name, value in arrays.items():
-            if value is not None:
-                write_atomically(self.codes_dir / f"{name}.npy", lambda f, a=value.numpy(): np.save(f, a))
+            path = self.codes_dir / f"{name}.npy"
+            if value is None:
+                path.unlink(missing_ok=True)
+            elif isinstance(value, CodeChunks):
+                _write_chunks(path, value)
+            else:
+                array = value.numpy() if isinstance(value, torch.Tensor) else np.asarray(value)
+                write_atomically(path, lambda f, a=array: np.save(f, a))
         write_json(self.codes_dir / "meta.json", key)
 
     def code_counts(self) -> torch.Tensor:
@@ -366,3 +418,38 @@ class Run:
             return codec.decompress(model, None, data, code_counts=self.code_counts())
         prior = self.prior() if header.version == 1 else self.integer_prior()  # version 1: float priors
         return codec.decompress(model, prior, data)
+
+
+def _open_npy(path: Path) -> np.ndarray:
+    """A read-only memory map of an .npy file (nothing is read yet); a file shorter than its header says,
+    or holding objects, raises ValueError."""
+    return np.load(path, mmap_mode="r", allow_pickle=False)
+
+
+def _write_chunks(path: Path, codes: CodeChunks) -> None:
+    """Fill `path` with the int16 grids of `codes`, chunk by chunk, through a memory-mapped temp file
+    (`.NAME.XXXXXXXX.tmp`, the usual permissions) renamed into place once all `rows` are written."""
+    tmp = path.with_name(f".{path.name}.{uuid.uuid4().hex[:8]}.tmp")
+    try:
+        chunks = iter(codes.chunks)
+        first = next(chunks, None)
+        if first is None or codes.rows < 1:
+            raise ValueError(f"{path}: no code grids to write")
+        first = np.asarray(first)
+        out = np.lib.format.open_memmap(tmp, mode="w+", dtype=np.int16, shape=(codes.rows, *first.shape[1:]))
+        filled = 0
+        for chunk in itertools.chain([first], chunks):
+            chunk = np.asarray(chunk)
+            if chunk.shape[1:] != out.shape[1:] or filled + len(chunk) > codes.rows:
+                raise ValueError(f"{path}: a chunk of shape {chunk.shape} after {filled} of {codes.rows} grids "
+                                 f"of shape {out.shape[1:]}")
+            out[filled:filled + len(chunk)] = chunk
+            filled += len(chunk)
+        if filled != codes.rows:
+            raise ValueError(f"{path}: {filled} code grids written, {codes.rows} announced")
+        out.flush()
+        del out
+        os.replace(tmp, path)
+    except BaseException:
+        tmp.unlink(missing_ok=True)
+        raise

@@ -18,6 +18,12 @@ unwrapped model's weights (no `module.` prefixes).
 
 `precision` "bf16" or "fp16" runs the loss under autocast (the quantizer turns it off for its own fp32
 arithmetic); "fp16" adds a gradient scaler and needs CUDA.
+
+`eval_every` N > 0: every N steps and at the end, rank 0 measures held-out figures (`heldout.HeldOut`),
+logs them in metrics.jsonl as a row marked `"heldout": true`, shows them in the progress line, keeps the
+best weights in `model.best.safetensors` beside `model.safetensors` and warns once when held-out and
+training figures part. Evaluation runs in eval mode with the RNG state restored after it, so a run with
+evaluations trains exactly as one without.
 """
 
 from __future__ import annotations
@@ -36,9 +42,11 @@ from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Callable
 
+import numpy as np
 import torch
 import torch.distributed as dist
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, Progress, TextColumn, TimeElapsedColumn, TimeRemainingColumn
 
 from .autoencoders import VQVAE
@@ -47,8 +55,9 @@ from .data import load_dataset
 from .devices import AUTOCAST, barrier, batch_share, init_distributed, pick_device, world
 from .errors import ConfigError, RunError
 from .evaluate import encode_dataset, evaluate_autoencoder, integer_prior_figures, likelihood, prior_figures
+from .heldout import HeldOut, autoencoder_heldout, prior_heldout, save_weights
 from .pretrained import fingerprint
-from .run import Run
+from .run import CodeChunks, Run
 
 STATE_NAME, METRICS_NAME = Run.STATE, Run.METRICS
 # Test-only: at the checkpoint of this step, the process kills itself (SIGKILL) after writing the weights
@@ -97,6 +106,13 @@ def read_state(path: str | Path) -> dict:
     for key, kind in expected.items():
         if not isinstance(state.get(key), kind) or isinstance(state.get(key), bool):
             raise RunError(f"{bad} (no valid {key!r} entry)")
+    try:  # the held-out evaluations' memory (best figure, warning; absent before --eval-every)
+        heldout = json.loads(state.get("heldout", "{}"))
+    except (TypeError, ValueError):
+        heldout = None
+    if not isinstance(heldout, dict):
+        raise RunError(f"{bad} (its 'heldout' entry is not a JSON object)")
+    state = {**state, "heldout": heldout}
     weights = state.get("model", {})
     if not isinstance(weights, dict) or not all(isinstance(v, torch.Tensor) for v in weights.values()):
         raise RunError(f"{bad} (its 'model' entry is not a dict of tensors)")
@@ -149,7 +165,9 @@ class Trainer:
     `save(dir)` writes the model's weights (e.g. `model.save_pretrained`); `fmt(metrics)` renders the
     progress bar's live figures. Stops at `cfg.steps` or after `cfg.max_seconds`, whichever is first.
     `identity` (plain JSON values) is stored in each checkpoint; `resume` refuses a checkpoint whose
-    identity differs (another run's train_state.pt).
+    identity differs (another run's train_state.pt). `objective`: the module `loss_fn` receives and
+    DistributedDataParallel wraps when it is not `model` itself (it must hold `model`'s parameters; the
+    checkpoints hold `model`'s). `heldout`: what `cfg.eval_every` evaluates (see the module docstring).
     """
 
     model: torch.nn.Module
@@ -163,6 +181,8 @@ class Trainer:
     show_progress: bool = True
     name: str = "train"
     identity: dict = field(default_factory=dict)
+    objective: torch.nn.Module | None = None
+    heldout: HeldOut | None = None
     step: int = 0
     elapsed: float = 0.0
 
@@ -179,12 +199,12 @@ class Trainer:
         if self.cfg.precision == "fp16" and self.device.type != "cuda":
             raise ConfigError(f"precision fp16 needs a CUDA device (here {self.device.type}); use bf16 or fp32")
         self.scaler = torch.amp.GradScaler("cuda") if self.cfg.precision == "fp16" else None
-        self.train_model = self.model
+        self.train_model = self.objective if self.objective is not None else self.model
         if self.world_size > 1:  # buffers (EMA codebooks) are kept equal by the quantizer, not broadcast
             from torch.nn.parallel import DistributedDataParallel
 
             ids = [self.device.index] if self.device.type == "cuda" else None
-            self.train_model = DistributedDataParallel(self.model, device_ids=ids, broadcast_buffers=False)
+            self.train_model = DistributedDataParallel(self.train_model, device_ids=ids, broadcast_buffers=False)
         if self.rank != 0:
             self.show_progress = False
 
@@ -204,7 +224,8 @@ class Trainer:
         state = {"model": {k: v.detach().cpu() for k, v in self.model.state_dict().items()},
                  "optimizer": self.optimizer.state_dict(), "step": self.step, "elapsed": self.elapsed,
                  "torch_rng": torch.get_rng_state(), "batch_rng": self.generator.get_state(),
-                 "identity": json.dumps(self.identity, sort_keys=True)}
+                 "identity": json.dumps(self.identity, sort_keys=True),
+                 **({"heldout": json.dumps(self.heldout.state())} if self.heldout is not None else {})}
         write_atomically(self.out_dir / STATE_NAME, lambda f: torch.save(state, f))
 
     def resume(self) -> None:
@@ -227,6 +248,8 @@ class Trainer:
             self.optimizer.load_state_dict(state["optimizer"])
             torch.set_rng_state(state["torch_rng"])
             self.generator.set_state(state["batch_rng"])
+            if self.heldout is not None:
+                self.heldout.load_state(state["heldout"])
         except (RuntimeError, ValueError, KeyError, TypeError) as e:
             raise RunError(f"{path}: does not fit this run's model ({_first_line(e)}); it belongs to another "
                            "run") from None
@@ -318,7 +341,7 @@ class Trainer:
         running: dict[str, float] = {}  # sums of the metrics since the last logged step
         count = 0
         last: dict = {}
-        live = ""
+        live, heldout_live = "", ""
         display, show = self._progress()
         dtype = AUTOCAST[cfg.precision]
         try:
@@ -355,7 +378,9 @@ class Trainer:
                             log.write(json.dumps(record) + "\n")
                             log.flush()
                         live = self.fmt(last)
-                    show(self.step, self.progress_fraction(), live)
+                    if self._evaluation_due():
+                        heldout_live = self._evaluate(log) if self.rank == 0 else ""
+                    show(self.step, self.progress_fraction(), f"{live}  {heldout_live}" if heldout_live else live)
                     if self._stop_requested:
                         self.checkpoint()
                         raise Stopped(self.step)
@@ -367,6 +392,28 @@ class Trainer:
                 signal.signal(sig, handler)
         model.eval()
         return last
+
+    def _evaluation_due(self) -> bool:
+        every = self.cfg.eval_every
+        return self.heldout is not None and every > 0 and (self.step % every == 0 or self.progress_fraction() >= 1.0)
+
+    def _evaluate(self, log) -> str:
+        """Rank 0: held-out figures now -> the log (a row marked "heldout"), the best checkpoint, the
+        warning (printed once); returns the progress line's part. The RNG state is left as it was."""
+        cuda = self.device.type == "cuda"
+        index = (self.device.index if self.device.index is not None else torch.cuda.current_device()) if cuda else 0
+        with torch.random.fork_rng(devices=[index] if cuda else []):
+            figures = self.heldout.evaluate()
+        is_best, warning = self.heldout.check(self.step, figures)
+        if is_best:
+            self.heldout.save_best()
+        record = {"step": self.step, "heldout": True, **figures, "best": is_best,
+                  **({"overfit_warning": warning} if warning else {})}
+        log.write(json.dumps(record) + "\n")
+        log.flush()
+        if warning:
+            self.console.print(f"[yellow]warning:[/yellow] {escape(warning)}", soft_wrap=True)
+        return self.heldout.fmt(figures)
 
     def _agree(self) -> None:
         """Several processes: every rank takes the largest elapsed time and stops if any rank was asked to,
@@ -387,10 +434,13 @@ class Trainer:
 
 
 def holding_run_lock(owner: str):
-    """Decorator: the function's first argument is a run directory, held (`Run.lock`) while it runs."""
+    """Decorator: the function's first argument is a run directory, held (`Run.lock`) while it runs, by
+    rank 0 alone under torchrun (the other ranks write nothing)."""
     def wrap(fn):
         @functools.wraps(fn)
         def locked(run, *args, **kwargs):
+            if world()[0] != 0 or os.environ.get("RANK", "0") != "0":
+                return fn(run, *args, **kwargs)
             with Run(run).lock(owner):
                 return fn(run, *args, **kwargs)
         return locked
@@ -450,9 +500,11 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
             psnr = 10 * math.log10(1 / max(m["mse"], 1e-10))
             return f"loss {m['loss']:.4f}  PSNR {psnr:5.2f} dB  perplexity {m['perplexity']:6.1f}"
 
+        heldout = autoencoder_heldout(model, data.train, data.test, lambda: save_weights(model, run.best_path())) \
+            if train_cfg.eval_every else None
         trainer = Trainer(model, train_cfg, out_dir, next_batch, loss_fn, lambda d: model.save_pretrained(d, extra),
                           fmt=fmt, show_progress=show_progress, console=console,
-                          identity={"run": run_id} if run_id else {})
+                          identity={"run": run_id} if run_id else {}, heldout=heldout)
         if resume:
             trainer.resume()
         elif rank == 0:
@@ -461,7 +513,9 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
         barrier()
         trainer.fit()
     # Held-out figures from rank 0 alone (the model is in eval mode: the quantizer makes no collectives).
-    return evaluate_autoencoder(model, data.test) if rank == 0 else {}
+    if rank != 0:
+        return {}
+    return {**evaluate_autoencoder(model, data.test), **(heldout.summary() if heldout is not None else {})}
 
 
 # -- priors ---------------------------------------------------------------------------------------------
@@ -491,27 +545,51 @@ def codes_key(model: VQVAE, shifts: int) -> dict:
     return {"model": fingerprint(model).hex(), "shifts": shifts}
 
 
-def cached_codes(run: Run, model: VQVAE, shifts: int = 0) -> dict[str, torch.Tensor | None]:
-    """The run's train and held-out code grids (and labels), encoded once and cached under RUN/codes/.
+def cached_codes(run: Run, model: VQVAE, shifts: int = 0, chunk: int = 500) -> dict[str, np.ndarray | None]:
+    """The run's train and held-out code grids (and labels), encoded once and cached under RUN/codes/, as
+    read-only memory-mapped arrays (`Run.read_codes`): a prior trains on code sets larger than memory.
 
     `shifts` > 0 adds copies of the training images translated by up to that many pixels (a 3x3 or
     larger neighbourhood of offsets) to the prior's training codes: the same digits at other positions,
-    a cheap way to give a small dataset's prior more sequences. The cache is keyed by the model's
-    weights and the shift setting, so retraining the autoencoder never reuses stale codes.
+    a cheap way to give a small dataset's prior more sequences. The training codes are encoded `chunk`
+    images at a time and written as they come (`CodeChunks`). The cache is keyed by the model's weights
+    and the shift setting, so retraining the autoencoder never reuses stale codes. Several processes:
+    rank 0 encodes and writes, the others wait and read its cache.
     """
     key = codes_key(model, shifts)
-    cached = run.read_codes(key)
-    if cached is not None:
-        return cached
-    data = run.dataset()
-    offsets = [(dy, dx) for dy in range(-shifts, shifts + 1) for dx in range(-shifts, shifts + 1)]
-    offsets.sort(key=lambda o: (o != (0, 0), o))  # the unshifted images first
-    train = torch.cat([encode_dataset(model, shifted(data.train, dy, dx)) for dy, dx in offsets])
-    train_labels = None if data.train_labels is None else data.train_labels.repeat(len(offsets))
-    arrays = {"train": train, "test": encode_dataset(model, data.test),
-              "train_labels": train_labels, "test_labels": data.test_labels}
-    run.write_codes(arrays, key)
-    return arrays
+    rank, _ = world()
+    cached = run.read_codes(key) if rank == 0 else None
+    if rank == 0 and cached is None:
+        data = run.dataset()
+        offsets = [(dy, dx) for dy in range(-shifts, shifts + 1) for dx in range(-shifts, shifts + 1)]
+        offsets.sort(key=lambda o: (o != (0, 0), o))  # the unshifted images first
+
+        def chunks():
+            for dy, dx in offsets:
+                for start in range(0, len(data.train), chunk):
+                    yield encode_dataset(model, shifted(data.train[start:start + chunk], dy, dx)).numpy()
+
+        train_labels = None if data.train_labels is None else data.train_labels.repeat(len(offsets))
+        run.write_codes({"train": CodeChunks(len(offsets) * len(data.train), chunks()),
+                         "test": encode_dataset(model, data.test), "train_labels": train_labels,
+                         "test_labels": data.test_labels}, key)
+    barrier()  # rank 0's cache is whole before the others read it
+    cached = cached or run.read_codes(key)
+    if cached is None:
+        raise RunError(f"{run.codes_dir}: the code cache was not written whole; rerun `vqvae prior {run.path}`")
+    return cached
+
+
+class PriorObjective(torch.nn.Module):
+    """A prior's training loss as a module's `forward`, which DistributedDataParallel wraps (it hooks
+    `forward` only): (codes (B, *S') int64, labels (B,) or None) -> mean nats per latent."""
+
+    def __init__(self, prior: torch.nn.Module):
+        super().__init__()
+        self.prior = prior
+
+    def forward(self, codes: torch.Tensor, labels: torch.Tensor | None = None) -> torch.Tensor:
+        return self.prior.loss(codes, labels)
 
 
 @holding_run_lock("vqvae prior")
@@ -522,14 +600,20 @@ def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConf
     coder uses) into RUN/prior/integer/; returns held-out figures.
 
     Class-conditional when the dataset has labels. Figures: nll_bits_per_latent, integer_bits_per_latent,
-    uniform_bits_per_latent (log2 K), nll_bits_per_image, bits_per_dim, plus the prior config. With
-    `force`, an existing prior is deleted only once the new one's codes and config are known to be good.
-    The run directory is locked meanwhile.
+    uniform_bits_per_latent (log2 K), nll_bits_per_image, bits_per_dim, plus the prior config (and with
+    `eval_every`, the best held-out evaluation and any overfit warning). With `force`, an existing prior
+    is deleted only once the new one's codes and config are known to be good. The run directory is locked
+    meanwhile. The training codes stay memory-mapped: each step reads its batch's grids.
+
+    Several processes (`torchrun --nproc-per-node N -m vqvae prior RUN`): DistributedDataParallel as for
+    the autoencoder (each rank its B/N slice of the global batch); rank 0 writes the code cache, the prior
+    directory, the log, the checkpoints and the integer prior, and alone returns figures (others: {}).
     """
     from .priors import Prior, PriorConfig, build_prior
 
     run = Run(run)
-    device = pick_device(train_cfg.device)
+    device = init_distributed(pick_device(train_cfg.device))
+    rank, _ = world()
     model = run.model(device)
     codes = cached_codes(run, model, shifts)
     out_dir = run.prior_dir
@@ -544,35 +628,48 @@ def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConf
                           num_classes=num_classes, **prior_cfg_overrides)
         torch.manual_seed(train_cfg.seed)
         prior = build_prior(cfg).to(device)
-        if out_dir.exists():  # only now that the codes and the config of its replacement are good
+        barrier()  # every rank has checked the old prior before rank 0 deletes it
+        if rank == 0 and out_dir.exists():  # only now that the codes and the config of its replacement are good
             shutil.rmtree(out_dir)
-    train_codes = codes["train"].long().to(device)
-    train_labels = codes["train_labels"].to(device) if prior.cfg.num_classes else None
+        barrier()
+    train_codes = codes["train"]  # (N, *S') memory-mapped int16
+    train_labels = codes["train_labels"] if prior.cfg.num_classes else None
 
     def next_batch(gen: torch.Generator):
-        idx = torch.randint(train_codes.shape[0], (train_cfg.batch_size,), generator=gen).to(device)
-        return train_codes[idx], None if train_labels is None else train_labels[idx]
+        idx = torch.randint(len(train_codes), (train_cfg.batch_size,), generator=gen).numpy()
+        z = torch.from_numpy(np.asarray(train_codes[idx], dtype=np.int64)).to(device)
+        return z, None if train_labels is None else torch.from_numpy(np.asarray(train_labels[idx], np.int64)).to(device)
 
-    def loss_fn(p, batch):
-        loss = p.loss(*batch)
+    def loss_fn(objective, batch):
+        loss = objective(*batch)
         return loss, {"bits_per_latent": loss.detach() / math.log(2)}
 
     def save(directory: Path) -> None:
         prior.save_pretrained(directory)
         write_json(directory / "train.json", to_dict(train_cfg))
 
+    heldout = None
+    if train_cfg.eval_every:
+        heldout = prior_heldout(prior, (train_codes, codes["train_labels"]), (codes["test"], codes["test_labels"]),
+                                lambda: save_weights(prior, run.best_path(prior=True)))
     trainer = Trainer(prior, train_cfg, out_dir, next_batch, loss_fn, save, name="prior",
                       fmt=lambda m: f"train {m['bits_per_latent']:.3f} bits/latent",
                       show_progress=show_progress, console=console or Console(stderr=True),
-                      identity={"codes": codes_key(model, shifts)})
+                      identity={"codes": codes_key(model, shifts)}, objective=PriorObjective(prior), heldout=heldout)
     if resume:
         trainer.resume()
-    else:
+    elif rank == 0:
         (out_dir / METRICS_NAME).unlink(missing_ok=True)
+    barrier()
     trainer.fit()
+    if rank != 0:
+        return {}
     integer = run.quantize_prior()  # the integer model the range coder uses, calibrated on these codes
-    figures = prior_figures(prior, codes)
-    figures.update(integer_prior_figures(integer, codes["test"]))
+    test = {"test": torch.from_numpy(np.asarray(codes["test"], dtype=np.int64))}  # the held-out split, in memory
+    figures = prior_figures(prior, test)
+    figures.update(integer_prior_figures(integer, test["test"]))
     data = run.dataset()
     figures.update(likelihood(model, prior, data.train, data.test))
+    if heldout is not None:
+        figures.update(heldout.summary())
     return figures
