@@ -66,13 +66,19 @@ def run_ranks(processes: int, model: ModelConfig, train: TrainConfig, out: Path,
 
     dump.mkdir(parents=True, exist_ok=True)
     args = json.dumps({"model": to_dict(model), "train": to_dict(train), "out": str(out), "dump": str(dump)})
+    spawn_ranks(processes, WORKER, args)
+
+
+def spawn_ranks(processes: int, worker: str, args: str) -> None:
+    """Run the Python code `worker` (argv[1]: `args`) as ranks 0..N-1 of one gloo group; fail on error or
+    timeout."""
     port = free_port()
     procs = []
     for rank in range(processes):
         env = {**os.environ, "PYTHONPATH": SRC, "OMP_NUM_THREADS": "1", "MASTER_ADDR": "127.0.0.1",
                "MASTER_PORT": str(port), "RANK": str(rank), "LOCAL_RANK": str(rank),
                "WORLD_SIZE": str(processes), "LOCAL_WORLD_SIZE": str(processes)}
-        procs.append(subprocess.Popen([sys.executable, "-c", WORKER, args], env=env,
+        procs.append(subprocess.Popen([sys.executable, "-c", worker, args], env=env,
                                       stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True))
     try:
         outputs = [p.communicate(timeout=TIMEOUT)[0] for p in procs]
@@ -156,3 +162,51 @@ def test_fp16_on_cpu_is_refused_in_one_line(tmp_path):
     cfg = TrainConfig(data="digits", steps=2, batch_size=8, device="cpu", precision="fp16")
     with pytest.raises(ConfigError, match="^precision fp16 needs a CUDA device"):
         train_autoencoder(MODEL, cfg, tmp_path, show_progress=False)
+
+
+# Run by every rank: train a prior on the run's codes; rank 0 alone gets figures (it writes them out).
+PRIOR_WORKER = r"""
+import json, sys
+from rich.console import Console
+from vqvae.config import TrainConfig, from_dict
+from vqvae.train import train_prior
+args = json.loads(sys.argv[1])
+figures = train_prior(args["run"], args["prior"], from_dict(TrainConfig, args["train"]), shifts=0,
+                      show_progress=False, console=Console(quiet=True))
+from vqvae.devices import world
+with open(f"{args['run']}/figures{world()[0]}.json", "w") as f:
+    json.dump(figures, f)
+"""
+
+
+def test_a_prior_on_two_processes_at_half_batch_matches_one_process(tiny_run, tmp_path):
+    """`train_prior` under torchrun: 1 process at global batch 16 and 2 at 8 each reach the same prior
+    after 6 steps (to 1e-4, as for the autoencoder: only the grouping of float32 sums differs), with the
+    code cache written by rank 0 while rank 1 waits, one log, held-out rows, a best checkpoint and the
+    integer prior written once, and no hang."""
+    import shutil
+
+    import numpy as np
+
+    from vqvae.config import to_dict
+
+    cfg = TrainConfig(data="codes", steps=6, batch_size=16, log_every=2, checkpoint_every=4, eval_every=3, lr=2e-3,
+                      warmup_steps=0, device="cpu")
+    runs = {}
+    for processes in (1, 2):
+        run = runs[processes] = tmp_path / f"run{processes}"
+        shutil.copytree(tiny_run, run, ignore=shutil.ignore_patterns("prior", "codes"))  # codes made afresh
+        args = json.dumps({"run": str(run), "prior": {"n_layer": 1, "n_embd": 16, "n_head": 2},
+                           "train": to_dict(cfg)})
+        spawn_ranks(processes, PRIOR_WORKER, args)
+    one, two = (load_file(runs[n] / "prior" / "model.safetensors") for n in (1, 2))
+    assert set(one) == set(two) and not any(k.startswith(("module.", "prior.")) for k in two)
+    for key in one:
+        torch.testing.assert_close(two[key], one[key], atol=1e-4, rtol=0, msg=lambda m: f"{key}: {m}")
+    assert np.array_equal(np.load(runs[2] / "codes" / "train.npy"), np.load(runs[1] / "codes" / "train.npy"))
+    log = [json.loads(line) for line in (runs[2] / "prior" / "metrics.jsonl").read_text().splitlines()]
+    assert [(r["step"], bool(r.get("heldout"))) for r in log] == [
+        (2, False), (3, True), (4, False), (6, False), (6, True)]
+    assert (runs[2] / "prior" / "model.best.safetensors").is_file() and (runs[2] / "prior" / "integer").is_dir()
+    figures = [json.loads((runs[2] / f"figures{r}.json").read_text()) for r in range(2)]
+    assert figures[0]["best_step"] in (3, 6) and figures[1] == {}

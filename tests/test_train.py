@@ -323,3 +323,159 @@ def test_the_kernel_cache_is_keyed_by_source_and_environment(monkeypatch, tmp_pa
     source.write_text(nearest.KERNEL_SOURCE.read_text() + "\n// changed\n")
     monkeypatch.setattr(nearest, "KERNEL_SOURCE", source)
     assert len({names[0], other_env, nearest.kernel_name()}) == 3
+
+
+# -- held-out evaluation during training ------------------------------------------------------------------
+
+
+def _prior_fit(tmp_path, train_codes, test_codes, steps, eval_every=20):
+    """A small transformer prior fitted to `train_codes` by the Trainer with held-out evaluations ->
+    (trainer, held-out rows of its log, printed output, weights at each best evaluation)."""
+    import io
+
+    from rich.console import Console
+
+    from vqvae.config import PriorConfig
+    from vqvae.heldout import prior_heldout
+    from vqvae.priors import build_prior
+    from vqvae.train import PriorObjective
+
+    torch.manual_seed(0)
+    prior = build_prior(PriorConfig(codebook_size=16, grid=(4, 4), n_layer=2, n_embd=64, n_head=2))
+    best = []
+    heldout = prior_heldout(prior, (train_codes, None), (test_codes, None),
+                            lambda: best.append({k: v.clone() for k, v in prior.state_dict().items()}))
+
+    def next_batch(gen):
+        return train_codes[torch.randint(len(train_codes), (16,), generator=gen)], None
+
+    def loss_fn(objective, batch):
+        return objective(*batch), {}
+
+    printed = io.StringIO()
+    cfg = TrainConfig(steps=steps, batch_size=16, lr=3e-3, warmup_steps=10, log_every=20, eval_every=eval_every,
+                      checkpoint_every=1000)
+    trainer = Trainer(prior, cfg, tmp_path, next_batch, loss_fn, lambda d: None, show_progress=False,
+                      console=Console(file=printed, width=300), objective=PriorObjective(prior), heldout=heldout)
+    trainer.fit()
+    log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
+    return trainer, [r for r in log if r.get("heldout")], printed.getvalue(), best
+
+
+def test_the_overfit_warning_fires_on_a_prior_that_memorises_and_not_on_a_healthy_one(tmp_path):
+    """Eight random grids learnt by heart: training bits fall towards 0 while held-out grids (uniform
+    codes: 4 bits per latent at best) get worse, and the warning fires once, at the second evaluation in
+    a row over the margin. Codes drawn i.i.d. from one skewed distribution, 4,000 of them: held-out and
+    training bits stay together (both near its entropy), and nothing fires."""
+    from vqvae.heldout import MARGIN
+
+    gen = torch.Generator().manual_seed(1)
+    memorised, fresh = torch.randint(16, (8, 4, 4), generator=gen), torch.randint(16, (200, 4, 4), generator=gen)
+    trainer, rows, printed, best = _prior_fit(tmp_path / "overfit", memorised, fresh, steps=160)
+    over = [r["bits_per_latent"] > (1 + MARGIN["bits_per_latent"]) * r["train_bits_per_latent"] for r in rows]
+    first = next(i for i in range(1, len(over)) if over[i] and over[i - 1])  # the rule, from the logged figures
+    assert [i for i, r in enumerate(rows) if "overfit_warning" in r] == [first]
+    assert rows[-1]["train_bits_per_latent"] < 1.0 < 4.0 < rows[-1]["bits_per_latent"]
+    assert printed.count("warning:") == 1 and "held-out and training figures part" in printed
+    summary = trainer.heldout.summary()
+    assert summary["overfit_warning"] == rows[first]["overfit_warning"]
+    # the best checkpoint: the weights of the lowest held-out evaluation, written at each new best
+    lowest = min(rows, key=lambda r: r["bits_per_latent"])
+    assert summary["best_step"] == lowest["step"] < rows[-1]["step"] and len(best) == sum(r["best"] for r in rows)
+    assert summary["best_heldout_bits_per_latent"] == lowest["bits_per_latent"]
+
+    probs = torch.tensor([0.4, 0.2, 0.1, 0.1] + [0.2 / 12] * 12)
+    draws = torch.multinomial(probs, 4500 * 16, replacement=True, generator=gen).view(4500, 4, 4)
+    trainer, rows, printed, _ = _prior_fit(tmp_path / "healthy", draws[:4000], draws[4000:], steps=160)
+    entropy = float(-(probs * probs.log2()).sum())
+    assert all(abs(r["bits_per_latent"] - r["train_bits_per_latent"]) < 0.1 for r in rows[2:])
+    assert abs(rows[-1]["bits_per_latent"] - entropy) < 0.2
+    assert "overfit_warning" not in trainer.heldout.summary() and "warning" not in printed
+
+
+def test_evaluations_leave_the_training_unchanged(tmp_path):
+    """Evaluation runs in eval mode and gives the RNG state back: a run with evaluations every 7 steps
+    ends with the weights of a run without them, bit for bit."""
+    gen = torch.Generator().manual_seed(2)
+    codes = torch.randint(16, (64, 4, 4), generator=gen)
+    with_eval, rows, _, _ = _prior_fit(tmp_path / "a", codes[:48], codes[48:], steps=30, eval_every=7)
+    without, none, _, _ = _prior_fit(tmp_path / "b", codes[:48], codes[48:], steps=30, eval_every=0)
+    assert [r["step"] for r in rows] == [7, 14, 21, 28, 30] and none == []
+    for p, q in zip(with_eval.model.parameters(), without.model.parameters()):
+        assert torch.equal(p, q)
+
+
+# -- the prior under kill -9 ------------------------------------------------------------------------------
+
+PRIOR_WORKER = """
+import json, sys
+from rich.console import Console
+from vqvae.config import TrainConfig
+from vqvae.train import train_prior
+run, resume = sys.argv[1], sys.argv[2] == "resume"
+cfg = TrainConfig(data="codes", steps=40, batch_size=16, warmup_steps=5, log_every=4, checkpoint_every=8,
+                  eval_every=8)
+train_prior(run, dict(n_layer=1, n_embd=16, n_head=2), cfg, shifts=0, resume=resume, show_progress=False,
+            console=Console(quiet=True))
+"""
+
+
+def test_kill_9_while_training_a_prior_then_resume_equals_an_uninterrupted_run(tiny_run, tmp_path):
+    """The autoencoder's kill -9 test for `train_prior`: killed between the files of a checkpoint (the test
+    hook) and at random moments of resumed runs (training, checkpoints, held-out evaluations, the integer
+    prior), then resumed, the prior ends with the weights, best checkpoint, integer model and log of a run
+    never interrupted."""
+    import os
+    import random
+    import shutil
+    import signal
+    import subprocess
+    import sys
+    import time
+
+    from safetensors.torch import load_file
+
+    from vqvae.train import KILL_IN_CHECKPOINT_ENV, read_state
+
+    env = {**os.environ, "OMP_NUM_THREADS": "1"}
+    env.pop(KILL_IN_CHECKPOINT_ENV, None)
+    straight, killed = tmp_path / "straight", tmp_path / "killed"
+    for path in (straight, killed):
+        shutil.copytree(tiny_run, path, ignore=shutil.ignore_patterns("prior"))
+
+    def cmd(run, resume=False):
+        return [sys.executable, "-c", PRIOR_WORKER, str(run), "resume" if resume else "new"]
+
+    done = subprocess.run(cmd(straight), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    died = subprocess.run(cmd(killed), env={**env, KILL_IN_CHECKPOINT_ENV: "16"}, capture_output=True, timeout=600)
+    assert died.returncode == -signal.SIGKILL
+    log = killed / "prior" / "metrics.jsonl"
+    assert read_state(killed / "prior" / "train_state.pt")["step"] == 8 and max(_logged_steps(log)) == 16
+
+    rng = random.Random(0)
+    for _ in range(2):
+        proc = subprocess.Popen(cmd(killed, resume=True), env=env, stdout=subprocess.DEVNULL,
+                                stderr=subprocess.DEVNULL)
+        target = rng.randrange(read_state(killed / "prior" / "train_state.pt")["step"] + 1, 41)
+        deadline = time.time() + 300
+        while proc.poll() is None and time.time() < deadline and max(_logged_steps(log), default=0) < target:
+            time.sleep(0.002)
+        time.sleep(rng.uniform(0, 0.05))
+        proc.send_signal(signal.SIGKILL)
+        proc.wait(timeout=60)
+
+    done = subprocess.run(cmd(killed, resume=True), env=env, capture_output=True, text=True, timeout=600)
+    assert done.returncode == 0, done.stderr
+    for name in ("model.safetensors", "model.best.safetensors", "integer/model.safetensors"):
+        expected, got = load_file(str(straight / "prior" / name)), load_file(str(killed / "prior" / name))
+        assert expected.keys() == got.keys(), name
+        for key in expected:
+            assert torch.equal(expected[key], got[key]), (name, key)
+
+    def rows(run):  # the log without the (timing-dependent) seconds
+        return [{k: v for k, v in json.loads(line).items() if k != "time"}
+                for line in (run / "prior" / "metrics.jsonl").read_text().splitlines()]
+
+    assert rows(killed) == rows(straight)
+    assert [r["step"] for r in rows(straight) if r.get("heldout")] == [8, 16, 24, 32, 40]

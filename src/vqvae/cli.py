@@ -32,6 +32,8 @@ RunArg = typer.Argument(..., help="Run directory written by `vqvae train`.")
 ImagesArg = typer.Argument(..., help="Image files (PNG/JPEG, any size).")
 ForceOpt = typer.Option(False, "--force", help="Replace output files that exist.")
 MaxPixelsOpt = typer.Option(MAX_PIXELS, "--max-pixels", help="Refuse input images of more pixels than this.")
+EVAL_HELP = ("Every this many steps: held-out figures in metrics.jsonl and the progress line, the best weights "
+             "kept in model.best.safetensors, a warning when held-out and training figures part (0: never).")
 
 
 def _version(value: bool) -> None:
@@ -106,6 +108,7 @@ def train(
                                                "quantizer stays fp32; fp16 needs CUDA)."),
     checkpoint_every: int = typer.Option(500, help="Write a checkpoint every this many steps."),
     log_every: int = typer.Option(50, help="Append to metrics.jsonl every this many steps."),
+    eval_every: int = typer.Option(0, "--eval-every", help=EVAL_HELP),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     as_json: bool = typer.Option(False, "--json", help="Print held-out figures as one JSON object."),
 ) -> None:
@@ -116,10 +119,19 @@ def train(
                              encoder_kernel=encoder_kernel, quantizer=qcfg)
     tcfg = vqvae.TrainConfig(data=data, steps=steps, max_seconds=max_seconds, batch_size=batch_size, lr=lr,
                              seed=seed, device=device, precision=precision, checkpoint_every=checkpoint_every,
-                             log_every=log_every)
+                             log_every=log_every, eval_every=eval_every)
     figures = _train(mcfg, tcfg, out_dir, resume)
     if world()[0] == 0:  # under torchrun: one report, from rank 0
-        _print_figures(f"held-out figures of {out_dir}", figures, as_json)
+        _print_with_warning(f"held-out figures of {out_dir}", figures, as_json)
+
+
+def _print_with_warning(title: str, figures: dict, as_json: bool) -> None:
+    """The figures; an overfit warning (training found held-out and training figures parting) below the
+    table, where it is not lost among the training output (in --json it stays a field)."""
+    warning = None if as_json else figures.pop("overfit_warning", None)
+    _print_figures(title, figures, as_json)
+    if warning:
+        err.print(f"[yellow]warning:[/yellow] {_shown(warning)}", highlight=False)
 
 
 def _train(model_cfg, train_cfg, out_dir: Path, resume: bool = False) -> dict:
@@ -215,6 +227,7 @@ def prior(run: Path = RunArg,
           seed: int = typer.Option(0),
           device: str = typer.Option("auto"),
           precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast for the prior; fp16 needs CUDA)."),
+          eval_every: int = typer.Option(0, "--eval-every", help=EVAL_HELP.replace("model.best", "prior/model.best")),
           resume: bool = typer.Option(False, "--resume", help="Continue the run's prior from its last checkpoint."),
           force: bool = typer.Option(False, "--force", help="Replace an existing prior."),
           as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
@@ -222,21 +235,24 @@ def prior(run: Path = RunArg,
     for the range coder under RUN/prior/integer/); print held-out bits."""
     figures = _prior(run, arch=arch, steps=steps, max_seconds=max_seconds, batch_size=batch_size, lr=lr,
                      layers=layers, width=width, heads=heads, dropout=dropout, shifts=shifts, seed=seed,
-                     device=device, precision=precision, resume=resume, force=force)
-    _print_figures(f"held-out code likelihood of {run}", figures, as_json)
+                     device=device, precision=precision, resume=resume, force=force, eval_every=eval_every)
+    if world()[0] == 0:  # under torchrun: one report, from rank 0
+        _print_with_warning(f"held-out code likelihood of {run}", figures, as_json)
 
 
 def _prior(run: Path, steps: int, seed: int = 0, max_seconds: float = 0.0, device: str = "auto",
-           precision: str = "fp32", resume: bool = False, force: bool = False, **options) -> dict:
+           precision: str = "fp32", resume: bool = False, force: bool = False, eval_every: int = 0,
+           **options) -> dict:
     options = {**PRIOR_DEFAULTS, **options}
     tcfg = vqvae.TrainConfig(data="codes", steps=steps, max_seconds=max_seconds, batch_size=options["batch_size"],
                              lr=options["lr"], seed=seed, device=device, precision=precision,
-                             warmup_steps=200)
+                             warmup_steps=200, eval_every=eval_every)
     overrides = dict(arch=options["arch"], n_layer=options["layers"], n_embd=options["width"],
                      n_head=options["heads"], dropout=options["dropout"])
     figures = vqvae.train_prior(run, overrides, tcfg, shifts=options["shifts"], resume=resume, force=force,
                                 console=err)
-    err.print(f"wrote {_shown(Run(run).prior_dir)}/config.json, model.safetensors, metrics.jsonl")
+    if world()[0] == 0:
+        err.print(f"wrote {_shown(Run(run).prior_dir)}/config.json, model.safetensors, metrics.jsonl")
     return figures
 
 

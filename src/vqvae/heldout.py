@@ -153,8 +153,11 @@ def prior_heldout(prior, train: tuple, test: tuple, save_best: Callable[[], None
     """Held-out bits per latent of the first `EVAL_SIZE` held-out code grids, next to the first `EVAL_SIZE`
     training grids'. train, test: (codes (N, *S'), labels (N,) or None), labels used when the prior is
     class-conditional."""
-    def head(a):  # the first EVAL_SIZE items of an array or tensor, read into memory as int64
-        return None if a is None else torch.from_numpy(np.array(a[:EVAL_SIZE], dtype=np.int64))
+    def head(a):  # the first EVAL_SIZE items of an array (a memory map too) or tensor, in memory as int64
+        if a is None:
+            return None
+        a = a[:EVAL_SIZE]
+        return a.long().cpu() if isinstance(a, torch.Tensor) else torch.from_numpy(np.array(a, dtype=np.int64))
 
     conditional = bool(prior.cfg.num_classes)
     subsets = [(head(codes), head(labels) if conditional else None) for codes, labels in (train, test)]
