@@ -70,15 +70,28 @@ def test_lr_schedule_warms_up_then_decays():
 
 
 def test_train_autoencoder_writes_a_run_and_learns(tmp_path):
-    cfg = TrainConfig(data="digits", steps=120, batch_size=32, log_every=20, checkpoint_every=50, lr=3e-3)
+    from vqvae.heldout import autoencoder_figures
+    from vqvae.run import Run
+
+    cfg = TrainConfig(data="digits", steps=120, batch_size=32, log_every=20, checkpoint_every=50, lr=3e-3,
+                      eval_every=50)
     figures = train_autoencoder(TINY, cfg, tmp_path, show_progress=False)
-    for name in ("config.json", "model.safetensors", "train_state.pt", "metrics.jsonl"):
+    for name in ("config.json", "model.safetensors", "train_state.pt", "metrics.jsonl", "model.best.safetensors"):
         assert (tmp_path / name).is_file()
     log = [json.loads(line) for line in (tmp_path / "metrics.jsonl").read_text().splitlines()]
-    assert log[-1]["step"] == 120
-    assert log[-1]["mse"] < 0.5 * log[0]["mse"]
-    assert set(figures) >= {"psnr", "ssim", "mse", "perplexity", "codes_used"}
+    train_rows, heldout_rows = [r for r in log if not r.get("heldout")], [r for r in log if r.get("heldout")]
+    assert train_rows[-1]["step"] == 120
+    assert train_rows[-1]["mse"] < 0.5 * train_rows[0]["mse"]
+    assert set(figures) >= {"psnr", "ssim", "mse", "perplexity", "codes_used", "best_step"}
     assert 0 < figures["codes_used"] <= 1
+    # held-out rows at 50, 100 and the end; the best weights kept are those of the lowest held-out MSE
+    assert [r["step"] for r in heldout_rows] == [50, 100, 120]
+    assert set(heldout_rows[0]) >= {"mse", "psnr", "perplexity", "codes_used", "train_mse", "best"}
+    best = min(heldout_rows, key=lambda r: r["mse"])
+    assert figures["best_step"] == best["step"] and figures["best_heldout_mse"] == best["mse"]
+    test = Run(tmp_path).dataset().test[:500]
+    assert autoencoder_figures(Run(tmp_path).model(best=True), test)["mse"] == pytest.approx(best["mse"], rel=1e-5)
+    assert autoencoder_figures(Run(tmp_path).model(), test)["mse"] == pytest.approx(heldout_rows[-1]["mse"], rel=1e-5)
     with pytest.raises(RunError, match="already holds a run"):
         train_autoencoder(TINY, cfg, tmp_path, show_progress=False)
 
@@ -155,6 +168,13 @@ def test_kill_9_at_random_moments_then_resume_equals_an_uninterrupted_run(tmp_pa
         assert torch.equal(expected[name], got[name]), name
     steps = _logged_steps(out / "metrics.jsonl")
     assert steps == sorted(set(steps)) == _logged_steps(straight / "metrics.jsonl")
+
+
+def test_a_run_without_a_best_checkpoint_says_how_to_get_one(two_runs):
+    from vqvae.run import Run
+
+    with pytest.raises(RunError, match=r"model.best.safetensors: missing; .*--eval-every"):
+        Run(two_runs[0]).model(best=True)
 
 
 def _tiny_run(path, hidden=8, steps=12):
