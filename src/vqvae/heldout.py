@@ -7,13 +7,15 @@ perplexity and the share of codes used), the prior's bits per latent (given the 
 class-conditional prior). The held-out figure picks the best checkpoint; the pair decides the warning.
 
 The warning rule: held-out > (1 + margin) x training at `PATIENCE` consecutive evaluations. Two in a row,
-so one noisy evaluation does not fire it; the margin is per figure, above the gap a healthy run shows:
-- prior bits per latent, margin 0.25: on MNIST (4,500 digits, shifted copies) the gap of a healthy prior
-  stays within a few percent; a prior on 200 photo crops reached 1.5 bits per latent on its training codes
-  and 7.9 held out (5.3x), far beyond.
-- autoencoder MSE, margin 1.0 (held-out MSE twice the training MSE, 3 dB of PSNR): a healthy MNIST
-  autoencoder scores about 1.8 dB better on training digits than on held-out ones (a 1.5x MSE ratio),
-  which must not fire.
+so one noisy evaluation does not fire it; the margin is per figure, well above the gap of a healthy run
+and well below that of the case that asked for it (a prior trained on a folder of 200 photo crops:
+1.5 bits per latent on its training codes, 7.9 held out, 5.3x):
+- prior bits per latent, margin 0.25. Healthy: `vqvae prior RUN --steps 800 --eval-every 200` on the
+  MNIST run below gave held-out/training ratios of 0.94 to 0.97 at its four evaluations.
+- autoencoder MSE, margin 1.0 (held-out MSE twice the training MSE, 3 dB of PSNR). Healthy: `vqvae
+  train --data mnist --steps 1500 --eval-every 250` gave ratios of 0.97 to 1.01 at its six evaluations;
+  a longer-trained MNIST prototype scored about 1.8 dB (a 1.5x ratio) better on training digits than on
+  held-out ones, which must not fire either.
 
 B batch, N items in a subset, C H W image, S' code grid.
 """
