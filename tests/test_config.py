@@ -67,6 +67,8 @@ BAD = [
     (TrainConfig, {"warmup_steps": -1}, "warmup_steps", ">= 0"),
     (TrainConfig, {"log_every": 0}, "log_every", "at least 1"),
     (TrainConfig, {"checkpoint_every": 0}, "checkpoint_every", "at least 1"),
+    (TrainConfig, {"eval_every": -1}, "eval_every", ">= 0 (0: no held-out evaluation)"),
+    (TrainConfig, {"eval_every": 2.5}, "eval_every", "an integer"),
     (TrainConfig, {"precision": "fp8"}, "precision", "one of fp32, bf16, fp16"),
 ]
 
