@@ -499,3 +499,25 @@ def test_kill_9_while_training_a_prior_then_resume_equals_an_uninterrupted_run(t
 
     assert rows(killed) == rows(straight)
     assert [r["step"] for r in rows(straight) if r.get("heldout")] == [8, 16, 24, 32, 40]
+
+
+def test_the_command_passes_eval_every_and_prints_the_warning_below_the_figures(monkeypatch, capsys, tmp_path):
+    """`vqvae prior --eval-every N` reaches the training settings; a warning in the figures is printed
+    once, below the table (in --json it stays a field)."""
+    import vqvae
+    from vqvae.cli import main
+
+    seen = []
+
+    def fake_prior(run, overrides, train_cfg, **kwargs):
+        seen.append(train_cfg.eval_every)
+        return {"nll_bits_per_latent": 7.9, "overfit_warning": "held-out and training figures part: 7.9 against 1.5"}
+
+    monkeypatch.setattr(vqvae, "train_prior", fake_prior)
+    assert main(["prior", str(tmp_path), "--eval-every", "25"]) == 0
+    out, err = capsys.readouterr()
+    assert seen == [25] and "nll_bits_per_latent" in out and "figures part" not in out
+    assert err.count("warning:") == 1 and err.rstrip().endswith("7.9 against 1.5")
+    assert main(["prior", str(tmp_path), "--json"]) == 0
+    out, _ = capsys.readouterr()
+    assert seen == [25, 0] and json.loads(out)["overfit_warning"].endswith("7.9 against 1.5")
