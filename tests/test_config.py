@@ -68,6 +68,9 @@ BAD = [
     (TrainConfig, {"log_every": 0}, "log_every", "at least 1"),
     (TrainConfig, {"checkpoint_every": 0}, "checkpoint_every", "at least 1"),
     (TrainConfig, {"precision": "fp8"}, "precision", "one of fp32, bf16, fp16"),
+    (TrainConfig, {"image_size": -1}, "image_size", "in 0..65536 (0: whole images)"),
+    (TrainConfig, {"workers": 300}, "workers", "in 0..256"),
+    (TrainConfig, {"skip_bad_files": 1}, "skip_bad_files", "true or false"),
 ]
 
 

@@ -14,7 +14,6 @@ import sys
 from pathlib import Path
 from typing import Optional
 
-import click
 import typer
 from rich.console import Console
 from rich.markup import escape
@@ -144,9 +143,8 @@ def _with_preset(ctx: typer.Context, preset: Optional[str], options: dict) -> di
         return options
     if preset not in vqvae.PRESETS:
         raise vqvae.ConfigError(f"unknown preset {preset!r}; expected one of: {', '.join(vqvae.PRESETS)}")
-    default = click.core.ParameterSource.DEFAULT
     return {**options, **{name: value for name, value in vqvae.PRESETS[preset].items()
-                          if ctx.get_parameter_source(name) == default}}
+                          if ctx.get_parameter_source(name).name == "DEFAULT"}}  # typer ships its own click
 
 
 def _train(model_cfg, train_cfg, out_dir: Path, resume: bool = False) -> dict:

@@ -253,8 +253,7 @@ class TrainConfig:
         _integers(self, "steps", "batch_size", "warmup_steps", "seed", "log_every", "checkpoint_every",
                   "image_size", "workers")
         _typed(self, bool, "true or false", "skip_bad_files")
-        _check(0 <= self.image_size <= MAX_GRID_SIDE * MAX_DOWNSAMPLE, "image_size",
-               f"in 0..{MAX_GRID_SIDE * MAX_DOWNSAMPLE} (0: whole images)", self.image_size)
+        _check(0 <= self.image_size <= 65536, "image_size", "in 0..65536 (0: whole images)", self.image_size)
         _check(0 <= self.workers <= 256, "workers", "in 0..256", self.workers)
         _reals(self, "max_seconds", "lr", "lr_min_ratio")
         _typed(self, str, "a string", "data", "device", "precision")

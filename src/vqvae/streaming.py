@@ -15,8 +15,8 @@ Every image has a key: its path relative to the folder (or its member name in a 
 extension, with dots in the file name turned into "_" (a shard member's key ends at its first dot). The
 held-out split is fixed by the key alone: an image is held out when sha256(key) mod 10 == 0 (about 10%),
 so adding files, renaming others or listing them in another order never moves an image between splits,
-and a folder and the shards written from it split alike. When one split would be empty, the held-out
-split is the training images themselves.
+and a folder and the shards written from it split alike. With fewer than 10 images, or when one split
+would be empty, the held-out split is the training images themselves.
 
 Before training, every file is checked (`scan`): its header (format, size, pixel count against
 `max_pixels`), PNG chunk checksums, and a JPEG decoded at 1/8 scale (which a cut file fails). A broken file
@@ -337,7 +337,7 @@ def open_stream(uri: str, image_size: int = 0, skip_bad_files: bool = False, max
         size = sizes.pop()
     test = [i for i in good if held_out(source.keys[i])]
     train = [i for i in good if not held_out(source.keys[i])]
-    if not train or not test:  # too few images to hold any out
+    if len(good) < HELD_OUT_MODULUS or not train or not test:  # too few images to hold any out
         train, test = good, good
     return Stream(source, train, test, channels, size, image_size, max_pixels)
 
