@@ -312,3 +312,35 @@ def test_preset_fills_the_options_not_given(tmp_path, capsys):
 def test_held_out_rule_matches_the_written_out_one():
     keys = [f"dir/{i}" for i in range(200)]
     assert [held_out(k) for k in keys] == [_key_hash_held_out(k) for k in keys]
+
+
+def test_training_resumed_after_a_crash_equals_an_uninterrupted_run(tmp_path, monkeypatch):
+    from rich.console import Console
+
+    from vqvae import Run, TrainConfig, train_autoencoder
+    from vqvae import streaming
+
+    _mixed_folder(tmp_path / "data", 20)
+    model = ModelConfig(hidden=8, res_hidden=4, res_blocks=1, downsample=2,
+                        quantizer=QuantizerConfig(codebook_size=8, code_dim=4, dead_code_steps=3))
+    cfg = TrainConfig(data=f"folder:{tmp_path / 'data'}", image_size=12, steps=8, batch_size=4, checkpoint_every=4,
+                      log_every=2, warmup_steps=2, workers=1)
+    quiet = Console(quiet=True)
+    train_autoencoder(model, cfg, tmp_path / "straight", show_progress=False, console=quiet)
+
+    calls = {"n": 0}
+    real = streaming.BatchReader.__call__
+
+    def crash_after_the_checkpoint(self, gen):
+        calls["n"] += 1
+        if calls["n"] == 6:  # step 6 of 8, after the checkpoint of step 4
+            raise RuntimeError("crash")
+        return real(self, gen)
+
+    monkeypatch.setattr(streaming.BatchReader, "__call__", crash_after_the_checkpoint)
+    with pytest.raises(RuntimeError, match="crash"):
+        train_autoencoder(model, cfg, tmp_path / "crashed", show_progress=False, console=quiet)
+    monkeypatch.setattr(streaming.BatchReader, "__call__", real)
+    train_autoencoder(model, cfg, tmp_path / "crashed", resume=True, show_progress=False, console=quiet)
+    a, b = Run(tmp_path / "straight").model().state_dict(), Run(tmp_path / "crashed").model().state_dict()
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)

@@ -13,9 +13,10 @@ Sources (`open_stream`):
 
 Every image has a key: its path relative to the folder (or its member name in a shard) without the
 extension, with dots in the file name turned into "_" (a shard member's key ends at its first dot). The
-held-out split is fixed by the key alone: an image is held out when sha256(key) mod 10 == 0 (about 10%),
-so adding files, renaming others or listing them in another order never moves an image between splits,
-and a folder and the shards written from it split alike. With fewer than 10 images, or when one split
+held-out split is fixed by the key alone: an image is held out when the first 8 bytes of sha256(key),
+read as a big-endian integer, are 0 mod 10 (about 10%), so adding files, renaming others or listing them
+in another order never moves an image between splits, and a folder and the shards written from it split
+alike. With fewer than 10 images, or when one split
 would be empty, the held-out split is the training images themselves.
 
 Before training, every file is checked (`scan`): its header (format, size, pixel count against
@@ -55,7 +56,7 @@ from .config import write_atomically
 from .data import IMAGE_SUFFIXES, MAX_PIXELS, Dataset, from_uint8
 from .errors import DataError
 
-HELD_OUT_MODULUS = 10  # sha256(key) % 10 == 0: held out
+HELD_OUT_MODULUS = 10  # held out: sha256(key)[:8] as an integer % 10 == 0
 GRAY_MODES = ("1", "L", "LA", "I", "I;16", "I;16B", "I;16L", "F")
 SHARD_IMAGE_EXTS = ("png", "jpg", "jpeg")
 
@@ -65,7 +66,7 @@ def _warn(message: str) -> None:
 
 
 def held_out(key: str) -> bool:
-    """Whether the image with this key belongs to the held-out split (sha256 of the key, mod 10 == 0)."""
+    """Whether the image with this key is held out: the first 8 bytes of its SHA-256, big-endian, mod 10 == 0."""
     return int.from_bytes(hashlib.sha256(key.encode()).digest()[:8], "big") % HELD_OUT_MODULUS == 0
 
 
