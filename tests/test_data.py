@@ -164,6 +164,10 @@ def test_folder_mixed_channels_become_rgb(tmp_path):
     assert torch.equal(a, torch.tensor(gray / 255.0, dtype=torch.float32).expand(3, 8, 8))
 
 
+def test_photos_image_size_is_the_crop_size():
+    assert torch.equal(load_dataset("photos", image_size=16).test, load_dataset("photos", crop=16).test)
+
+
 def test_image_size_refused_where_it_does_not_apply():
     with pytest.raises(DataError, match="image_size"):
         load_dataset("digits", image_size=8)
