@@ -33,6 +33,7 @@ bench: $(VENV)/.bench
 	$(BIN)/python benchmarks/train.py --threads $(BENCH_THREADS)
 	$(BIN)/python benchmarks/sampling.py
 	$(BIN)/python benchmarks/scaling.py
+	$(BIN)/python benchmarks/streaming.py
 
 clean:
 	rm -rf $(VENV) runs

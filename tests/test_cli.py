@@ -85,7 +85,7 @@ def test_bad_inputs_exit_2_with_one_line(run_dir, tmp_path, capsys):
     mixed = tmp_path / "mixed"
     mixed.mkdir()
     Image.new("L", (8, 8)).save(mixed / "a.png")
-    Image.new("RGB", (8, 8)).save(mixed / "b.png")
+    Image.new("RGB", (8, 9)).save(mixed / "b.png")  # mixed sizes without --image-size
     np.save(tmp_path / "rank2.npy", np.zeros((4, 4)))
     cases = [
         (["train", "--data", f"folder:{tmp_path / 'empty'}", "--out", tmp_path / "r1"], "empty"),

@@ -70,6 +70,9 @@ BAD = [
     (TrainConfig, {"eval_every": -1}, "eval_every", ">= 0 (0: no held-out evaluation)"),
     (TrainConfig, {"eval_every": 2.5}, "eval_every", "an integer"),
     (TrainConfig, {"precision": "fp8"}, "precision", "one of fp32, bf16, fp16"),
+    (TrainConfig, {"image_size": -1}, "image_size", "in 0..65536 (0: whole images)"),
+    (TrainConfig, {"workers": 300}, "workers", "in 0..256"),
+    (TrainConfig, {"skip_bad_files": 1}, "skip_bad_files", "true or false"),
 ]
 
 

@@ -119,13 +119,19 @@ def _write(path, arr: np.ndarray) -> None:
 
 def test_folder_grayscale_split_and_exact_values(tmp_path):
     rng = np.random.default_rng(0)
-    arrays = [rng.integers(0, 256, (12, 10), dtype=np.uint8) for _ in range(12)]
+    arrays = [rng.integers(0, 256, (12, 10), dtype=np.uint8) for _ in range(40)]
     for i, arr in enumerate(arrays):
         _write(tmp_path / f"img{i:02d}.{'PNG' if i % 2 else 'png'}", arr)
     (tmp_path / "notes.txt").write_text("not an image, ignored")
     ds = load_dataset(f"folder:{tmp_path}")
-    assert (len(ds.train), len(ds.test)) == (11, 1) and ds.channels == 1 and ds.image_size == (12, 10)
-    assert torch.equal(ds.test[0, 0], torch.tensor(arrays[9] / 255.0, dtype=torch.float32))  # sorted, index 9
+    # held out by name: sha256("img19") is the one of these 40 keys that is 0 mod 10 (computed by hand below)
+    import hashlib
+
+    held = [i for i in range(40) if int(hashlib.sha256(f"img{i:02d}".encode()).hexdigest()[:16], 16) % 10 == 0]
+    assert held == [19]
+    assert (len(ds.train), len(ds.test)) == (39, 1) and ds.channels == 1 and ds.image_size == (12, 10)
+    assert torch.equal(ds.test[0, 0], torch.tensor(arrays[19] / 255.0, dtype=torch.float32))
+    assert torch.equal(ds.train[:, 0], torch.tensor(np.stack(arrays[:19] + arrays[20:]) / 255.0, dtype=torch.float32))
     assert ds.train_labels is None and ds.num_classes == 0
 
 
@@ -140,20 +146,31 @@ def test_folder_rgb_mixed_formats_few_images_test_equals_train(tmp_path):
     assert len(ds.train) == 4 and torch.equal(ds.train, ds.test)
 
 
-def test_folder_mixed_sizes_is_an_error(tmp_path):
+def test_folder_mixed_sizes_without_image_size_is_an_error(tmp_path):
     _write(tmp_path / "a.png", np.zeros((28, 28), np.uint8))
     _write(tmp_path / "b.png", np.zeros((29, 31), np.uint8))
     with pytest.raises(DataError, match="size") as e:
         load_dataset(f"folder:{tmp_path}")
-    assert str(tmp_path) in str(e.value) and "\n" not in str(e.value)
+    assert str(tmp_path) in str(e.value) and "--image-size" in str(e.value) and "\n" not in str(e.value)
 
 
-def test_folder_mixed_channels_is_an_error(tmp_path):
-    _write(tmp_path / "a.png", np.zeros((8, 8), np.uint8))
-    _write(tmp_path / "b.jpeg", np.zeros((8, 8, 3), np.uint8))
-    with pytest.raises(DataError, match="channel") as e:
-        load_dataset(f"folder:{tmp_path}")
-    assert str(tmp_path) in str(e.value)
+def test_folder_mixed_channels_become_rgb(tmp_path):
+    gray = np.arange(64, dtype=np.uint8).reshape(8, 8)
+    _write(tmp_path / "a.png", gray)
+    _write(tmp_path / "b.png", np.zeros((8, 8, 3), np.uint8))
+    ds = load_dataset(f"folder:{tmp_path}")
+    assert ds.channels == 3
+    a = ds.train[0]  # sorted: a.png first; its gray values repeated in R, G and B
+    assert torch.equal(a, torch.tensor(gray / 255.0, dtype=torch.float32).expand(3, 8, 8))
+
+
+def test_photos_image_size_is_the_crop_size():
+    assert torch.equal(load_dataset("photos", image_size=16).test, load_dataset("photos", crop=16).test)
+
+
+def test_image_size_refused_where_it_does_not_apply():
+    with pytest.raises(DataError, match="image_size"):
+        load_dataset("digits", image_size=8)
 
 
 def test_load_images_any_size_gray_and_rgb(tmp_path):
@@ -271,7 +288,7 @@ def test_every_bad_input_raises_one_line_data_error_naming_the_path(tmp_path):
 def test_unknown_uri_lists_known_schemes():
     with pytest.raises(DataError) as e:
         load_dataset("cifar10")
-    for scheme in ("mnist", "digits", "photos", "folder:", "npy:"):
+    for scheme in ("mnist", "digits", "photos", "folder:", "shards:", "npy:"):
         assert scheme in str(e.value)
 
 

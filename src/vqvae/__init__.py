@@ -27,6 +27,8 @@ from .report import sample_images, save_grid, save_reconstructions
 from .run import Run
 from .codec import compress, decompress, read_header
 from .devices import set_threads, world
+from .presets import PRESETS
+from .streaming import write_shards
 from .train import Stopped, train_autoencoder, train_prior
 
 __version__ = "0.1.0"
@@ -44,4 +46,5 @@ __all__ = [
     "sample_images", "save_grid", "save_reconstructions",
     "Run", "compress", "decompress", "read_header",
     "Stopped", "set_threads", "train_autoencoder", "train_prior", "world",
+    "PRESETS", "write_shards",
 ]

@@ -84,7 +84,9 @@ def _naming_inputs(error: VQVAEError, paths: list[Path]) -> VQVAEError:
 
 @app.command()
 def train(
-    data: str = typer.Option("mnist", help="Dataset URI: mnist, digits, photos, folder:PATH, npy:PATH."),
+    ctx: typer.Context,
+    data: str = typer.Option("mnist", help="Dataset URI: mnist, digits, photos, folder:PATH, "
+                                           "shards:PATH_OR_GLOB, npy:PATH."),
     out_dir: Path = typer.Option(Path("runs/mnist"), "--out", help="Run directory to write."),
     steps: int = typer.Option(8000, help="Training steps (the schedule runs over them)."),
     max_seconds: float = typer.Option(0.0, help="Stop after this much training time (0: no limit)."),
@@ -109,17 +111,30 @@ def train(
     checkpoint_every: int = typer.Option(500, help="Write a checkpoint every this many steps."),
     log_every: int = typer.Option(50, help="Append to metrics.jsonl every this many steps."),
     eval_every: int = typer.Option(0, "--eval-every", help=EVAL_HELP),
+    image_size: int = typer.Option(0, help="Train on S x S crops (random; held-out: centre) of folder:/shards: "
+                                           "images of any size; photos: the crop size. 0: whole images."),
+    skip_bad_files: bool = typer.Option(False, "--skip-bad-files", help="folder:/shards: warn about broken "
+                                                                         "files and train on the others."),
+    workers: int = typer.Option(2, help="Processes decoding folder:/shards: images (0: the training process)."),
+    preset: Optional[str] = typer.Option(None, help="A recipe's values for the options not given: "
+                                                    + ", ".join(vqvae.PRESETS) + "."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     as_json: bool = typer.Option(False, "--json", help="Print held-out figures as one JSON object."),
 ) -> None:
     """Train a VQ-VAE and write config.json, model.safetensors, metrics.jsonl and recon.png to --out."""
-    qcfg = vqvae.QuantizerConfig(codebook_size=codebook_size, code_dim=code_dim, commitment_weight=beta,
-                                 kind=quantizer, kmeans_init=kmeans, dead_code_steps=dead_code_steps)
-    mcfg = vqvae.ModelConfig(hidden=hidden, res_hidden=res_hidden, res_blocks=res_blocks, downsample=downsample,
-                             encoder_kernel=encoder_kernel, quantizer=qcfg)
+    sizes = _with_preset(ctx, preset, dict(image_size=image_size, hidden=hidden, res_hidden=res_hidden,
+                                           res_blocks=res_blocks, downsample=downsample,
+                                           encoder_kernel=encoder_kernel, codebook_size=codebook_size,
+                                           code_dim=code_dim))
+    qcfg = vqvae.QuantizerConfig(codebook_size=sizes["codebook_size"], code_dim=sizes["code_dim"],
+                                 commitment_weight=beta, kind=quantizer, kmeans_init=kmeans,
+                                 dead_code_steps=dead_code_steps)
+    mcfg = vqvae.ModelConfig(**{k: sizes[k] for k in ("hidden", "res_hidden", "res_blocks", "downsample",
+                                                      "encoder_kernel")}, quantizer=qcfg)
     tcfg = vqvae.TrainConfig(data=data, steps=steps, max_seconds=max_seconds, batch_size=batch_size, lr=lr,
                              seed=seed, device=device, precision=precision, checkpoint_every=checkpoint_every,
-                             log_every=log_every, eval_every=eval_every)
+                             log_every=log_every, eval_every=eval_every, image_size=sizes["image_size"], skip_bad_files=skip_bad_files,
+                             workers=workers)
     figures = _train(mcfg, tcfg, out_dir, resume)
     if world()[0] == 0:  # under torchrun: one report, from rank 0
         _print_with_warning(f"held-out figures of {out_dir}", figures, as_json)
@@ -134,6 +149,16 @@ def _print_with_warning(title: str, figures: dict, as_json: bool) -> None:
         err.print(f"[yellow]warning:[/yellow] {_shown(warning)}", highlight=False)
 
 
+def _with_preset(ctx: typer.Context, preset: Optional[str], options: dict) -> dict:
+    """`options` with the preset's values for those left at their defaults on the command line."""
+    if preset is None:
+        return options
+    if preset not in vqvae.PRESETS:
+        raise vqvae.ConfigError(f"unknown preset {preset!r}; expected one of: {', '.join(vqvae.PRESETS)}")
+    return {**options, **{name: value for name, value in vqvae.PRESETS[preset].items()
+                          if ctx.get_parameter_source(name).name == "DEFAULT"}}  # typer ships its own click
+
+
 def _train(model_cfg, train_cfg, out_dir: Path, resume: bool = False) -> dict:
     figures = vqvae.train_autoencoder(model_cfg, train_cfg, out_dir, resume=resume, console=err)
     if world()[0] != 0:
@@ -143,6 +168,19 @@ def _train(model_cfg, train_cfg, out_dir: Path, resume: bool = False) -> dict:
         vqvae.save_reconstructions(run.model(), run.dataset().test, run.path / Run.RECON)
     err.print(f"wrote {_shown(out_dir)}/config.json, model.safetensors, metrics.jsonl, {Run.RECON}")
     return figures
+
+
+@app.command()
+def shards(folder: Path = typer.Argument(..., help="A folder of PNG/JPEG images (sub-folders included)."),
+           output: Path = typer.Option(..., "-o", "--output", help="The directory to write the shards to."),
+           per_shard: int = typer.Option(1000, help="Images per shard."),
+           prefix: str = typer.Option("shard", help="Shard names: PREFIX-000000.tar, PREFIX-000001.tar, ..."),
+           skip_bad_files: bool = typer.Option(False, "--skip-bad-files", help="Leave broken files out (with a "
+                                                                                "warning) instead of stopping.")) -> None:
+    """Pack a folder of images into tar shards (webdataset's layout) for `--data shards:DIR`."""
+    paths = vqvae.write_shards(folder, output, prefix, per_shard, skip_bad_files,
+                               warn=lambda m: err.print(f"warning: {_shown(m)}", highlight=False))
+    err.print(f"wrote {len(paths)} shard(s) to {_shown(output)}: {_shown(paths[0].name)} .. {_shown(paths[-1].name)}")
 
 
 @app.command("eval")

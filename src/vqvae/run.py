@@ -267,8 +267,12 @@ class Run:
 
     def dataset(self, uri: str | None = None):
         """The run's dataset (train and held-out splits), or the dataset `uri` names instead."""
+        from .config import TrainConfig
         from .data import load_dataset
 
+        if uri is None and isinstance(self.config.get("train"), dict):  # the run's crops, its broken files skipped
+            train = self.section("train", TrainConfig)
+            return load_dataset(self.data_uri, image_size=train.image_size, skip_bad_files=train.skip_bad_files)
         return load_dataset(uri or self.data_uri)
 
     # -- the prior ---------------------------------------------------------------------------------

@@ -463,8 +463,8 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
         model_cfg, train_cfg = run.section("model", ModelConfig), run.section("train", TrainConfig)
     device = init_distributed(pick_device(train_cfg.device))
     rank, _ = world()
-    data = load_dataset(train_cfg.data, seed=train_cfg.seed)
-    train_x = data.train  # (N, C, H, W); the model pads sizes that are not a multiple of its downsampling
+    data = load_dataset(train_cfg.data, seed=train_cfg.seed, image_size=train_cfg.image_size,
+                        skip_bad_files=train_cfg.skip_bad_files)
     if data.channels != model_cfg.in_channels:
         model_cfg = replace(model_cfg, in_channels=data.channels)
     if not resume and run.state_path.exists():
@@ -486,11 +486,17 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
         extra = {**({"id": run_id} if run_id else {}), "train": to_dict(train_cfg),
                  "data": {"uri": data.uri, "channels": data.channels, "image_size": list(data.image_size),
                           "num_classes": data.num_classes}}
-        train_x = train_x.to(device)
+        if hasattr(data, "stream"):  # folder:/shards: read from disk by DataLoader workers, this rank's rows only
+            from .streaming import BatchReader
 
-        def next_batch(gen: torch.Generator) -> torch.Tensor:
-            idx = torch.randint(train_x.shape[0], (train_cfg.batch_size,), generator=gen)
-            return train_x[idx.to(device)]  # the global batch; the trainer keeps this rank's slice
+            next_batch = BatchReader(data.stream, train_cfg.batch_size, device, rank, world()[1], train_cfg.workers,
+                                     train_cfg.skip_bad_files)
+        else:
+            train_x = data.train.to(device)  # (N, C, H, W); the model pads sizes not a multiple of its downsampling
+
+            def next_batch(gen: torch.Generator) -> torch.Tensor:
+                idx = torch.randint(train_x.shape[0], (train_cfg.batch_size,), generator=gen)
+                return train_x[idx.to(device)]  # the global batch; the trainer keeps this rank's slice
 
         def loss_fn(m, x):
             out = m(x)
@@ -511,7 +517,10 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
             run.metrics_path.unlink(missing_ok=True)
             model.save_pretrained(out_dir, extra)
         barrier()
-        trainer.fit()
+        try:
+            trainer.fit()
+        finally:
+            getattr(next_batch, "close", lambda: None)()
     # Held-out figures from rank 0 alone (the model is in eval mode: the quantizer makes no collectives).
     if rank != 0:
         return {}
