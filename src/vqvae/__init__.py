@@ -28,6 +28,8 @@ from .run import Run
 from .codec import compress, decompress, read_header
 from .devices import set_threads, world
 from .train import Stopped, train_autoencoder, train_prior
+from .compare import (MODEL_VARIANTS, compare_models, comparison_markdown, comparison_settings, comparison_table,
+                      variant_config, write_comparison)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -44,4 +46,6 @@ __all__ = [
     "sample_images", "save_grid", "save_reconstructions",
     "Run", "compress", "decompress", "read_header",
     "Stopped", "set_threads", "train_autoencoder", "train_prior", "world",
+    "MODEL_VARIANTS", "compare_models", "comparison_markdown", "comparison_settings", "comparison_table",
+    "variant_config", "write_comparison",
 ]

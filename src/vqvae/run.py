@@ -221,12 +221,13 @@ class Run:
         return value
 
     def model(self, device: str | torch.device = "cpu"):
-        """The trained VQVAE, in eval mode on `device` (read once per Run object)."""
-        from .autoencoders import VQVAE
+        """The trained model, whatever its kind (models.py: VQVAE, DVAE, VQVAE2, AE, VAE), in eval mode on
+        `device` (read once per Run object)."""
+        from .models import load_model
 
         def load():
             try:
-                return VQVAE.from_pretrained(self.path, device)
+                return load_model(self.path, device)
             except ConfigError as e:  # a hand-edited config.json: name the file
                 raise RunError(f"{self.path / pretrained.CONFIG_NAME}: bad 'model' section ({e})") from None
 
