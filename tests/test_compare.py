@@ -23,7 +23,7 @@ QUIET = Console(quiet=True)
 @pytest.fixture(scope="module")
 def compared(tmp_path_factory):
     out = tmp_path_factory.mktemp("compare")
-    rows = compare_models("mnist", ["vae", "vqvae", "rvq"], out, steps=10, prior_steps=5, base=TINY,
+    rows = compare_models("mnist", ["vae", "vqvae", "rvq"], out, steps=10, base=TINY,
                           train=TrainConfig(batch_size=16, log_every=5), console=QUIET, show_progress=False)
     return out, rows
 
@@ -44,17 +44,27 @@ def test_rows_hold_each_models_figures(compared):
     vae, vq, rvq = rows
     # the VAE: an ELBO and no codes; discrete models: codes and uniform-prior bits; a prior only on one grid
     assert {"elbo_bits_per_dim", "kl_bits_per_dim"} <= set(vae) and "perplexity" not in vae
-    assert {"uniform_bits_per_dim", "perplexity", "codes_used", "bits_per_dim", "vqz_bits_per_image"} <= set(vq)
-    assert "uniform_bits_per_dim" in rvq and "bits_per_dim" not in rvq and "vqz_bits_per_image" not in rvq
+    assert {"uniform_bits_per_dim", "perplexity", "codes_used"} <= set(vq) and "vqz_bits_per_image" not in vq
+    assert "uniform_bits_per_dim" in rvq and "perplexity" in rvq
     assert vae["elbo_bits_per_dim"] == pytest.approx(vae["kl_bits_per_dim"] + vae["nll_bits_per_dim"])
     # the uniform prior's bits are a floor of the bound: 49 positions x log2 16, twice with 2 stages
     assert vq["uniform_bits_per_dim"] > 49 * 4 / 784 and rvq["uniform_bits_per_dim"] > 2 * 49 * 4 / 784
     assert all(r["train_seconds"] > 0 for r in rows)
-    # the .vqz file codes the held-out split with the learned prior: near its cross-entropy, far below
-    # the uniform prior's 49 x 4 bits plus a file header per image
-    assert 0 < vq["vqz_bits_per_image"] < 49 * 4 + 64
     assert isinstance(Run(out / "vae").model(), VAE) and isinstance(Run(out / "rvq").model(), VQVAE)
     assert Run(out / "rvq").model().cfg.quantizer.stages == 2
+
+
+def test_a_prior_gives_learned_bits_and_vqz_files_to_single_grid_models(tmp_path):
+    # 8x8 digits: 2x2 code grids, so the prior and the codec are quick
+    rows = compare_models("digits", ["vqvae", "rvq"], tmp_path, steps=10, prior_steps=5, base=TINY,
+                          train=TrainConfig(batch_size=16, log_every=5), console=QUIET, show_progress=False)
+    vq, rvq = rows
+    assert {"bits_per_dim", "nll_bits_per_latent", "integer_bits_per_latent", "vqz_bits_per_image"} <= set(vq)
+    assert not {"bits_per_dim", "vqz_bits_per_image"} & set(rvq)  # multi-stage codes: no prior here
+    assert Run(tmp_path / "vqvae").has_prior() and not Run(tmp_path / "rvq").has_prior()
+    # the .vqz file of the held-out split: its payload near the prior's bits per image, and far below the
+    # uniform prior's 4 x log2 16 bits per image plus the whole file's header spread over 180 images
+    assert 0 < vq["vqz_bits_per_image"] < 4 * 4 + 8
 
 
 def test_outputs_agree_with_the_rows(compared, tmp_path):

@@ -29,7 +29,7 @@ from rich.table import Table
 
 from .config import ModelConfig, QuantizerConfig, TrainConfig, to_dict, write_atomically, write_json
 from .errors import ConfigError
-from .evaluate import evaluate_run
+from .evaluate import evaluate_autoencoder
 from .run import Run
 from .train import train_autoencoder, train_prior
 
@@ -44,6 +44,8 @@ MODEL_VARIANTS: dict[str, tuple[str, dict]] = {
     "fsq": ("vqvae", {"kind": "fsq", "levels": (8, 8, 8), "code_dim": 3}),
     "rvq": ("vqvae", {"kind": "rvq", "stages": 2}),
 }
+
+PRIOR = dict(arch="transformer", n_layer=4, n_embd=64, n_head=4)  # `vqvae prior`'s defaults
 
 # (key, header, format) of the table's columns; a row lacks the keys that do not apply to its model
 COLUMNS = [
@@ -91,9 +93,11 @@ def compare_models(data: str, models: list[str], out_dir: str | Path, steps: int
             base: ModelConfig | None = None, train: TrainConfig | None = None, force: bool = False,
             console: Console | None = None, show_progress: bool = True) -> list[dict]:
     """Train each of `models` (keys of MODEL_VARIANTS) on dataset `data` for `steps` steps into OUT/NAME, in turn,
-    and evaluate it on the held-out split -> one row per model: its `evaluate_run` figures plus model,
-    run, train_seconds and, with a prior (`prior_steps` > 0, single-grid models), vqz_bits_per_image (the
-    held-out split compressed into one .vqz file, bits per image, header included).
+    and evaluate it on the held-out split -> one row per model: model, run, train_seconds and the figures
+    of `evaluate_autoencoder` (bits per dimension included); with `prior_steps` > 0, single-grid models
+    (`single_grid`) also get a prior (PRIOR, as `vqvae prior` trains it), its held-out nll_bits_per_latent,
+    integer_bits_per_latent and bits_per_dim, and vqz_bits_per_image (the held-out split compressed into
+    one .vqz file with `Run.compress`, bits per image, header included).
 
     `train` supplies the other training settings (batch size, lr, seed, ...; its data and steps are
     replaced). An OUT/NAME that holds a run is refused unless `force`, which replaces it.
@@ -117,17 +121,18 @@ def compare_models(data: str, models: list[str], out_dir: str | Path, steps: int
         with run.lock("vqvae compare", create=True):
             run.clear(force)
         train_autoencoder(cfg, train_cfg, run.path, show_progress=show_progress, console=console)
-        prior_cfg = dict(n_layer=4, n_embd=64, n_head=4)
+        run = Run(run.path)
+        data = run.dataset()
+        row = {"model": name, "run": str(run.path),
+               **evaluate_autoencoder(run.model(), data.test, train_images=data.train),
+               "train_seconds": train_seconds(run)}
         if prior_steps and single_grid(cfg):
-            train_prior(run.path, prior_cfg, TrainConfig(data="codes", steps=prior_steps, batch_size=64,
-                                                         seed=train_cfg.seed, warmup_steps=min(200, prior_steps // 5),
-                                                         device=train_cfg.device),
-                        shifts=1, show_progress=show_progress, console=console)
-        run = Run(run.path)  # read afresh: the prior is new
-        row = {"model": name, "run": str(run.path), **evaluate_run(run), "train_seconds": train_seconds(run)}
-        if run.has_prior() and single_grid(cfg):
-            test = run.dataset().test
-            row["vqz_bits_per_image"] = run.compress(list(test))[1]["bits_per_image"]
+            prior_train = TrainConfig(data="codes", steps=prior_steps, batch_size=64, seed=train_cfg.seed,
+                                      warmup_steps=min(200, prior_steps // 5), device=train_cfg.device)
+            figures = train_prior(run.path, PRIOR, prior_train, shifts=1, show_progress=show_progress,
+                                  console=console)  # held-out bits of the float and integer priors, bits/dim
+            row.update({k: figures[k] for k in ("nll_bits_per_latent", "integer_bits_per_latent", "bits_per_dim")})
+            row["vqz_bits_per_image"] = run.compress(list(data.test))[1]["bits_per_image"]
         rows.append(row)
     return rows
 
