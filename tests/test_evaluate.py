@@ -126,3 +126,12 @@ def test_vae_kl_figure_is_the_closed_form_on_a_hand_example(monkeypatch):
     generator = torch.Generator().manual_seed(0)
     direct = model.elbo_bits_per_dim(x, samples=4, generator=generator)
     assert figures["elbo_bits_per_dim"] == pytest.approx(float(direct.mean()), rel=1e-9)
+
+
+def test_encode_dataset_refuses_models_without_one_code_grid():
+    from vqvae.errors import RunError
+
+    for name, needle in (("ae", "continuous latents"), ("vae", "continuous latents"), ("vqvae2", "two code grids")):
+        with pytest.raises(RunError, match=needle):
+            encode_dataset(family_member(name), torch.rand(2, 1, 28, 28))
+    assert encode_dataset(family_member("rvq"), torch.rand(2, 1, 28, 28)).shape == (2, 3, 7, 7)

@@ -12,13 +12,18 @@ from pathlib import Path
 
 import torch
 
+from .errors import RunError
 from .metrics import bits_per_dim, code_histogram, codes_used, fit_log_scale, perplexity, psnr, ssim
 from .nets import eval_mode
 
 
 @torch.no_grad()
 def encode_dataset(model, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Images (N, C, H, W) -> int16 code grids (N, *S'), in batches on the model's device."""
+    """Images (N, C, H, W) -> int16 code grids (N, *S') ((N, Q, *S') with residual VQ), in batches on the
+    model's device. Models without one code grid per image (AE, VAE, VQ-VAE-2) are a `RunError`."""
+    if not model.discrete or hasattr(model, "top_quantizer"):
+        what = "continuous latents" if not model.discrete else "two code grids (top and bottom)"
+        raise RunError(f"a {model.cfg.model!r} model has {what}, not one grid of integer codes per image")
     with eval_mode(model):
         grids = [model.encode(images[i:i + batch_size].to(model.device)).codes.cpu()
                  for i in range(0, len(images), batch_size)]
