@@ -13,7 +13,7 @@ from vqvae.compare import (COLUMNS, MODEL_VARIANTS, compare_models, comparison_m
                            variant_config, write_comparison)
 from vqvae.config import ModelConfig, QuantizerConfig, TrainConfig
 from vqvae.continuous import VAE
-from vqvae.errors import ConfigError
+from vqvae.errors import ConfigError, RunError
 from vqvae.run import Run
 
 TINY = ModelConfig(hidden=8, res_hidden=4, res_blocks=1, quantizer=QuantizerConfig(codebook_size=16, code_dim=4))
@@ -85,7 +85,7 @@ def test_outputs_agree_with_the_rows(compared, tmp_path):
 
 def test_refusals_come_before_any_training(compared, tmp_path):
     out, _ = compared
-    with pytest.raises(ConfigError, match="already holds a run"):
+    with pytest.raises(RunError, match="already holds a run"):
         compare_models("mnist", ["vqvae"], out, steps=1, base=TINY, console=QUIET, show_progress=False)
     with pytest.raises(ConfigError, match="unknown model"):
         compare_models("mnist", ["vqvae", "gan"], tmp_path, steps=1, base=TINY, console=QUIET)

@@ -28,7 +28,7 @@ from rich.console import Console
 from rich.table import Table
 
 from .config import ModelConfig, QuantizerConfig, TrainConfig, to_dict, write_atomically, write_json
-from .errors import ConfigError
+from .errors import ConfigError, RunError
 from .evaluate import evaluate_autoencoder
 from .run import Run
 from .train import train_autoencoder, train_prior
@@ -90,8 +90,8 @@ def train_seconds(run: Run) -> float | None:
 
 
 def compare_models(data: str, models: list[str], out_dir: str | Path, steps: int, prior_steps: int = 0,
-            base: ModelConfig | None = None, train: TrainConfig | None = None, force: bool = False,
-            console: Console | None = None, show_progress: bool = True) -> list[dict]:
+                   base: ModelConfig | None = None, train: TrainConfig | None = None, force: bool = False,
+                   console: Console | None = None, show_progress: bool = True) -> list[dict]:
     """Train each of `models` (keys of MODEL_VARIANTS) on dataset `data` for `steps` steps into OUT/NAME, in turn,
     and evaluate it on the held-out split -> one row per model: model, run, train_seconds and the figures
     of `evaluate_autoencoder` (bits per dimension included); with `prior_steps` > 0, single-grid models
@@ -112,7 +112,7 @@ def compare_models(data: str, models: list[str], out_dir: str | Path, steps: int
     runs = {name: Run(out_dir / name) for name in models}
     for name, run in runs.items():
         if run.path.exists() and any(run.path.iterdir()) and not force:
-            raise ConfigError(f"{run.path}: already holds a run; pass --force to replace it or choose another --out")
+            raise RunError(f"{run.path}: already holds a run; pass --force to replace it or choose another --out")
     console = console or Console(stderr=True)
     rows = []
     for i, (name, cfg) in enumerate(configs.items()):
@@ -122,9 +122,9 @@ def compare_models(data: str, models: list[str], out_dir: str | Path, steps: int
             run.clear(force)
         train_autoencoder(cfg, train_cfg, run.path, show_progress=show_progress, console=console)
         run = Run(run.path)
-        data = run.dataset()
+        dataset = run.dataset()
         row = {"model": name, "run": str(run.path),
-               **evaluate_autoencoder(run.model(), data.test, train_images=data.train),
+               **evaluate_autoencoder(run.model(), dataset.test, train_images=dataset.train),
                "train_seconds": train_seconds(run)}
         if prior_steps and single_grid(cfg):
             prior_train = TrainConfig(data="codes", steps=prior_steps, batch_size=64, seed=train_cfg.seed,
@@ -132,7 +132,7 @@ def compare_models(data: str, models: list[str], out_dir: str | Path, steps: int
             figures = train_prior(run.path, PRIOR, prior_train, shifts=1, show_progress=show_progress,
                                   console=console)  # held-out bits of the float and integer priors, bits/dim
             row.update({k: figures[k] for k in ("nll_bits_per_latent", "integer_bits_per_latent", "bits_per_dim")})
-            row["vqz_bits_per_image"] = run.compress(list(data.test))[1]["bits_per_image"]
+            row["vqz_bits_per_image"] = run.compress(list(dataset.test))[1]["bits_per_image"]
         rows.append(row)
     return rows
 
