@@ -141,7 +141,7 @@ def comparison_table(rows: list[dict], title: str = "") -> Table:
     """The rows as a Rich table of COLUMNS; empty cells where a figure does not apply."""
     t = Table(title=title or None)
     for _, header, _ in COLUMNS:
-        t.add_column(header, justify="left" if header == "model" else "right")
+        t.add_column(header, justify="left" if header == "model" else "right", overflow="fold")
     for row in rows:
         t.add_row(*_cells(row))
     return t
@@ -155,7 +155,7 @@ def comparison_markdown(rows: list[dict]) -> str:
     """The rows as a Markdown table of COLUMNS (the text of compare.md)."""
     lines = ["| " + " | ".join(header for _, header, _ in COLUMNS) + " |",
              "|" + "|".join("---" if key == "model" else "---:" for key, _, _ in COLUMNS) + "|"]
-    lines += ["| " + " | ".join(_cells(row)).replace("%", "\\%") + " |" for row in rows]
+    lines += ["| " + " | ".join(_cells(row)) + " |" for row in rows]
     return "\n".join(lines) + "\n"
 
 
