@@ -107,7 +107,7 @@ def test_bad_inputs_exit_2_with_one_line(run_dir, tmp_path, capsys):
 
 
 def test_every_command_has_help(capsys):
-    for command in ("train", "eval", "reconstruct", "encode", "decode", "demo"):
+    for command in ("train", "eval", "reconstruct", "encode", "decode", "demo", "compare"):
         code, out, _ = run(capsys, command, "--help")
         assert code == 0 and "Usage" in out
 
@@ -462,3 +462,67 @@ def test_the_cli_uses_only_the_public_api():
             assert all(a.name == "vqvae" or not a.name.startswith("vqvae") for a in node.names), ast.unparse(node)
         if isinstance(node, ast.Attribute) and isinstance(node.value, ast.Name) and node.value.id == "vqvae":
             assert node.attr in vqvae.__all__ or node.attr == "__version__", f"vqvae.{node.attr}"
+
+
+# -- the model family ---------------------------------------------------------------------------------------
+
+
+def _train_tiny(tmp_path, name, *options):
+    path = tmp_path / name
+    assert main(["train", "--data", "mnist", "--steps", "6", "--out", str(path), "--log-every", "3", *TINY,
+                 *options]) == 0
+    return path
+
+
+def test_family_train_eval_and_codes(tmp_path, images, capsys):
+    vae = _train_tiny(tmp_path, "vae", "--model", "vae")
+    rvq = _train_tiny(tmp_path, "rvq", "--quantizer", "rvq", "--stages", "2")
+    fsq = _train_tiny(tmp_path, "fsq", "--quantizer", "fsq", "--levels", "4,3")
+    dvae = _train_tiny(tmp_path, "dvae", "--model", "dvae", "--temperature-end", "0.5")
+    two = _train_tiny(tmp_path, "vqvae2", "--model", "vqvae2")
+    capsys.readouterr()
+    configs = {p.name: json.loads((p / "config.json").read_text())["model"] for p in (vae, rvq, fsq, dvae, two)}
+    assert configs["vae"]["model"] == "vae" and configs["rvq"]["quantizer"]["stages"] == 2
+    assert configs["fsq"]["quantizer"]["codebook_size"] == 12 and configs["fsq"]["quantizer"]["code_dim"] == 2
+    assert configs["dvae"]["quantizer"]["kind"] == "gumbel" and configs["dvae"]["quantizer"]["temperature_end"] == 0.5
+    # the dVAE followed its schedule: the last logged temperature is the mean over steps 4..6 of 6, which
+    # start at progress 3/6, 4/6, 5/6
+    from vqvae.autoencoders import gumbel_schedule
+    from vqvae.config import QuantizerConfig
+
+    q = QuantizerConfig(kind="gumbel", temperature_end=0.5)
+    last = json.loads((dvae / "metrics.jsonl").read_text().splitlines()[-1])
+    assert last["temperature"] == pytest.approx(sum(gumbel_schedule(q, p / 6)[0] for p in (3, 4, 5)) / 3)
+
+    code, out, _ = run(capsys, "eval", vae, "--json")
+    figures = json.loads(out)
+    assert code == 0 and "elbo_bits_per_dim" in figures and "perplexity" not in figures
+    code, out, _ = run(capsys, "eval", two, "--json")
+    assert code == 0 and {"top_perplexity", "uniform_bits_per_dim"} <= set(json.loads(out))
+
+    for model_run in (vae, two):  # continuous latents, two grids: refused in one line; reconstruct works
+        code, _, err = run(capsys, "encode", model_run, *images, "-o", tmp_path / "c.npz")
+        assert code == 2 and model_run.name in err and err.strip().count("\n") == 0
+        code, _, _ = run(capsys, "reconstruct", model_run, images[1], "-o", tmp_path / f"{model_run.name}.png")
+        assert code == 0 and Image.open(tmp_path / f"{model_run.name}.png").size == (31, 29)
+
+    for model_run in (rvq, fsq, dvae):  # decode(encode(x)) is reconstruct(x), residual VQ's stage axis kept
+        code, _, _ = run(capsys, "encode", model_run, *images, "-o", tmp_path / f"{model_run.name}.npz")
+        assert code == 0
+        with np.load(tmp_path / f"{model_run.name}.npz", allow_pickle=False) as f:
+            assert f["codes_1"].shape == ((2, 8, 8) if model_run is rvq else (8, 8))
+        for command, source, target in (("decode", tmp_path / f"{model_run.name}.npz", "dec"),
+                                        ("reconstruct", None, "rec")):
+            args = [source] if source else images
+            assert run(capsys, command, model_run, *args, "-o", tmp_path / model_run.name / target)[0] == 0
+        for path in images:
+            assert np.array_equal(np.asarray(Image.open(tmp_path / model_run.name / "dec" / path.name)),
+                                  np.asarray(Image.open(tmp_path / model_run.name / "rec" / path.name)))
+
+
+def test_family_options_are_checked(tmp_path, capsys):
+    cases = [(["--model", "gan"], "model"), (["--model", "dvae", "--quantizer", "ema"], "gumbel"),
+             (["--quantizer", "fsq", "--levels", "8,x"], "--levels"), (["--quantizer", "rvq", "--stages", "0"], "stages")]
+    for options, needle in cases:
+        code, _, err = run(capsys, "train", "--out", tmp_path / "r", *TINY, *options)
+        assert code == 2 and needle in err and err.strip().count("\n") == 0, err

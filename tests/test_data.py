@@ -308,6 +308,17 @@ def test_codes_file_round_trip_and_the_earlier_padding_format(tmp_path):
         load_codes(tmp_path / "c.npz", 16, 2, 8)
 
 
+def test_codes_files_of_residual_vq_keep_their_stage_axis(tmp_path):
+    grids = [torch.randint(0, 16, (3, 7, 8)), torch.randint(0, 16, (1, 2, 3))]  # 3 stages, and the first only
+    save_codes(tmp_path / "c.npz", grids, [(25, 29), (8, 12)], ["a.png", "b.png"], 16, 1)
+    entries = load_codes(tmp_path / "c.npz", 16, 2, 4, stages=3)
+    assert [e[2] for e in entries] == [(25, 29), (8, 12)] and all(torch.equal(e[1], g) for e, g in zip(entries, grids))
+    with pytest.raises(DataError, match="1..2 stages"):  # more stages than the model has
+        load_codes(tmp_path / "c.npz", 16, 2, 4, stages=2)
+    with pytest.raises(DataError, match="2-D code grid"):  # a model without stages
+        load_codes(tmp_path / "c.npz", 16, 2, 4)
+
+
 def test_a_missing_optional_dependency_is_named(monkeypatch):
     import importlib
 

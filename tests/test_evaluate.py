@@ -3,8 +3,8 @@ import math
 import pytest
 import torch
 
-from vqvae.evaluate import (compression_table, encode_dataset, evaluate_autoencoder, evaluate_run, likelihood,
-                            prior_figures)
+from vqvae.evaluate import (bits_figures, compression_table, encode_dataset, evaluate_autoencoder, evaluate_run,
+                            likelihood, prior_figures, uniform_bits_per_image)
 from vqvae.metrics import psnr
 from vqvae.priors import prior_bits
 from vqvae.run import Run
@@ -44,7 +44,8 @@ def test_prior_figures_and_likelihood(tiny_run):
 def test_evaluate_run_has_every_figure(tiny_run):
     figures = evaluate_run(Run(tiny_run))
     assert {"psnr", "ssim", "mse", "perplexity", "codes_used", "nll_bits_per_latent", "integer_bits_per_latent",
-            "bits_per_dim"} <= set(figures)
+            "bits_per_dim", "uniform_bits_per_dim"} <= set(figures)
+    assert figures["bits_per_dim"] < figures["uniform_bits_per_dim"]  # the learned prior beats log2 K per code
     # the integer model (what the range coder pays) stays within 2% of the float prior
     assert figures["integer_bits_per_latent"] == pytest.approx(figures["nll_bits_per_latent"], rel=0.02)
     other = evaluate_run(Run(tiny_run), "digits")  # 8x8 digits: another code grid, so no prior figures
@@ -57,3 +58,80 @@ def test_compression_table(tiny_run, tmp_path):
     per_image = table[".vqz, one file of 500 (payload bytes/image)"]
     assert 0 < per_image < 49 * math.log2(16) / 8 * 1.5  # near or below the uniform code cost
     assert table["PNG (lossless)"] > per_image
+
+
+# -- the model family ---------------------------------------------------------------------------------------
+
+FAMILY = {  # name -> (ModelConfig.model, QuantizerConfig fields)
+    "vqvae": ("vqvae", {}), "fsq": ("vqvae", dict(kind="fsq", levels=(4, 4), code_dim=2)),
+    "rvq": ("vqvae", dict(kind="rvq", stages=3)), "dvae": ("dvae", dict(kind="gumbel")),
+    "vqvae2": ("vqvae2", {}), "ae": ("ae", {}), "vae": ("vae", {}),
+}
+
+
+def family_member(name):
+    from vqvae.config import ModelConfig, QuantizerConfig
+    from vqvae.models import build_model
+
+    model, fields = FAMILY[name]
+    q = QuantizerConfig(**{"codebook_size": 16, "code_dim": 4, "kmeans_init": False, **fields})
+    torch.manual_seed(0)
+    return build_model(ModelConfig(hidden=8, res_hidden=4, res_blocks=1, quantizer=q, model=model)).eval()
+
+
+@pytest.mark.parametrize("name", list(FAMILY))
+def test_figures_of_every_model(name):
+    model = family_member(name)
+    figures = evaluate_autoencoder(model, torch.rand(6, 1, 28, 28), batch_size=4, train_images=torch.rand(5, 1, 28, 28))
+    keys = {"psnr", "ssim", "mse", "images"}
+    discrete = {"perplexity", "codes_used", "uniform_bits_per_dim", "decoder_log_scale"}
+    expected = {"ae": keys, "vae": keys | {"elbo_bits_per_dim", "kl_bits_per_dim", "nll_bits_per_dim",
+                                           "decoder_log_scale"},
+                "vqvae2": keys | discrete | {"top_perplexity", "top_codes_used"}}.get(name, keys | discrete)
+    assert set(figures) == expected
+    if model.discrete:
+        assert 1 <= figures["perplexity"] <= 16 and 0 < figures["codes_used"] <= 1
+
+
+def test_uniform_bits_are_log2_k_per_code_of_every_grid():
+    # 28x28 at downsample 4: a 7x7 grid (a 4x4 top grid for the VQ-VAE-2), K = 16: 4 bits per code
+    expected = {"vqvae": 49 * 4, "fsq": 49 * 4, "dvae": 49 * 4, "rvq": 3 * 49 * 4, "vqvae2": (49 + 16) * 4}
+    for name, bits in expected.items():
+        assert uniform_bits_per_image(family_member(name), (28, 28)) == pytest.approx(bits)
+    assert uniform_bits_per_image(family_member("vqvae"), (30, 26)) == pytest.approx(8 * 7 * 4)
+
+
+def test_the_uniform_bound_adds_the_codes_bits_to_the_pixel_bits():
+    from vqvae.metrics import discretized_gaussian_nll_bits
+
+    model, x, train = family_member("vqvae"), torch.rand(4, 1, 28, 28), torch.rand(6, 1, 28, 28)
+    figures = bits_figures(model, train, x)
+    pixel_bits = discretized_gaussian_nll_bits(x, model.reconstruct(x), figures["decoder_log_scale"])
+    assert figures["uniform_bits_per_dim"] == pytest.approx(float((pixel_bits + 49 * 4).mean()) / 784, rel=1e-9)
+
+
+def test_vae_kl_figure_is_the_closed_form_on_a_hand_example(monkeypatch):
+    model = family_member("vae")
+    x = torch.rand(3, 1, 28, 28)
+    # posterior N(0.5, 2) at each of the D x 7 x 7 = 196 latents:
+    # KL = 1/2 (mean^2 + var - 1 - log var) = 1/2 (0.25 + 2 - 1 - ln 2) nats per latent
+    mean, logvar = torch.full((3, 4, 7, 7), 0.5), torch.full((3, 4, 7, 7), math.log(2))
+    monkeypatch.setattr(model, "posterior", lambda images: (mean, logvar))
+    figures = bits_figures(model, x, x)
+    kl_nats = 196 * 0.5 * (0.25 + 2 - 1 - math.log(2))
+    # the model's KL is a float32 sum of 196 terms: exact to float32's relative precision (~1e-7 per term)
+    assert figures["kl_bits_per_dim"] == pytest.approx(kl_nats / math.log(2) / 784, rel=1e-6)
+    assert figures["elbo_bits_per_dim"] == pytest.approx(figures["nll_bits_per_dim"] + figures["kl_bits_per_dim"])
+    # the ELBO is VAE.elbo_bits_per_dim's, draws seeded the same way
+    generator = torch.Generator().manual_seed(0)
+    direct = model.elbo_bits_per_dim(x, samples=4, generator=generator)
+    assert figures["elbo_bits_per_dim"] == pytest.approx(float(direct.mean()), rel=1e-9)
+
+
+def test_encode_dataset_refuses_models_without_one_code_grid():
+    from vqvae.errors import RunError
+
+    for name, needle in (("ae", "continuous latents"), ("vae", "continuous latents"), ("vqvae2", "two code grids")):
+        with pytest.raises(RunError, match=needle):
+            encode_dataset(family_member(name), torch.rand(2, 1, 28, 28))
+    assert encode_dataset(family_member("rvq"), torch.rand(2, 1, 28, 28)).shape == (2, 3, 7, 7)

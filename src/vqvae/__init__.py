@@ -30,6 +30,8 @@ from .devices import set_threads, world
 from .presets import PRESETS
 from .streaming import write_shards
 from .train import Stopped, train_autoencoder, train_prior
+from .compare import (MODEL_VARIANTS, compare_models, comparison_markdown, comparison_settings, comparison_table,
+                      variant_config, write_comparison)
 
 __version__ = "0.1.0"
 __all__ = [
@@ -47,4 +49,6 @@ __all__ = [
     "Run", "compress", "decompress", "read_header",
     "Stopped", "set_threads", "train_autoencoder", "train_prior", "world",
     "PRESETS", "write_shards",
+    "MODEL_VARIANTS", "compare_models", "comparison_markdown", "comparison_settings", "comparison_table",
+    "variant_config", "write_comparison",
 ]

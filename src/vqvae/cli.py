@@ -9,6 +9,7 @@ are refused.
 from __future__ import annotations
 
 import json
+import math
 import re
 import sys
 from pathlib import Path
@@ -92,7 +93,19 @@ def train(
     max_seconds: float = typer.Option(0.0, help="Stop after this much training time (0: no limit)."),
     batch_size: int = typer.Option(32),
     lr: float = typer.Option(2e-3, help="Peak learning rate (Adam; warmup, then cosine decay)."),
-    quantizer: str = typer.Option("ema", help="Codebook learning: 'ema' (moving averages) or 'vq' (gradient)."),
+    model: str = typer.Option("vqvae", help="vqvae, ae (deterministic bottleneck), vae (Gaussian latents), dvae "
+                                            "(Gumbel-softmax codes) or vqvae2 (top and bottom code grids)."),
+    quantizer: Optional[str] = typer.Option(None, help="ema (moving averages; the default), vq (gradient), fsq "
+                                                       "(finite scalar, see --levels), rvq (residual, see --stages); "
+                                                       "dvae: gumbel (its default). ae and vae have none."),
+    levels: str = typer.Option("8,5,5,5", help="fsq: values per dimension, comma-separated (sets the code dim "
+                                               "and K = their product)."),
+    stages: int = typer.Option(2, help="rvq: residual stages (codes per position)."),
+    temperature: float = typer.Option(1.0, help="dvae: Gumbel-softmax temperature at the start."),
+    temperature_end: float = typer.Option(1 / 16, help="dvae: temperature at the end (cosine decay)."),
+    kl_weight: float = typer.Option(0.05, help="dvae: weight of the KL to the uniform prior (nats per input "
+                                               "dimension) once warmed up."),
+    kl_warmup: float = typer.Option(0.05, help="dvae: fraction of training over which the KL weight rises from 0."),
     codebook_size: int = typer.Option(512, help="K, the number of codes."),
     code_dim: int = typer.Option(16, help="D, the size of each code vector."),
     beta: float = typer.Option(0.25, help="Commitment weight."),
@@ -121,20 +134,22 @@ def train(
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     as_json: bool = typer.Option(False, "--json", help="Print held-out figures as one JSON object."),
 ) -> None:
-    """Train a VQ-VAE and write config.json, model.safetensors, metrics.jsonl and recon.png to --out."""
+    """Train a model of the family (VQ-VAE by default) and write config.json, model.safetensors, metrics.jsonl
+    and recon.png to --out."""
     sizes = _with_preset(ctx, preset, dict(image_size=image_size, hidden=hidden, res_hidden=res_hidden,
                                            res_blocks=res_blocks, downsample=downsample,
                                            encoder_kernel=encoder_kernel, codebook_size=codebook_size,
                                            code_dim=code_dim))
-    qcfg = vqvae.QuantizerConfig(codebook_size=sizes["codebook_size"], code_dim=sizes["code_dim"],
-                                 commitment_weight=beta, kind=quantizer, kmeans_init=kmeans,
-                                 dead_code_steps=dead_code_steps)
+    qcfg = _quantizer_config(model, quantizer, levels, codebook_size=sizes["codebook_size"],
+                             code_dim=sizes["code_dim"], commitment_weight=beta, kmeans_init=kmeans,
+                             dead_code_steps=dead_code_steps, stages=stages, temperature=temperature,
+                             temperature_end=temperature_end, kl_weight=kl_weight, kl_warmup=kl_warmup)
     mcfg = vqvae.ModelConfig(**{k: sizes[k] for k in ("hidden", "res_hidden", "res_blocks", "downsample",
-                                                      "encoder_kernel")}, quantizer=qcfg)
+                                                      "encoder_kernel")}, quantizer=qcfg, model=model)
     tcfg = vqvae.TrainConfig(data=data, steps=steps, max_seconds=max_seconds, batch_size=batch_size, lr=lr,
                              seed=seed, device=device, precision=precision, checkpoint_every=checkpoint_every,
-                             log_every=log_every, eval_every=eval_every, image_size=sizes["image_size"], skip_bad_files=skip_bad_files,
-                             workers=workers)
+                             log_every=log_every, eval_every=eval_every, image_size=sizes["image_size"],
+                             skip_bad_files=skip_bad_files, workers=workers)
     figures = _train(mcfg, tcfg, out_dir, resume)
     if world()[0] == 0:  # under torchrun: one report, from rank 0
         _print_with_warning(f"held-out figures of {out_dir}", figures, as_json)
@@ -157,6 +172,19 @@ def _with_preset(ctx: typer.Context, preset: Optional[str], options: dict) -> di
         raise vqvae.ConfigError(f"unknown preset {preset!r}; expected one of: {', '.join(vqvae.PRESETS)}")
     return {**options, **{name: value for name, value in vqvae.PRESETS[preset].items()
                           if ctx.get_parameter_source(name).name == "DEFAULT"}}  # typer ships its own click
+
+
+def _quantizer_config(model: str, kind: Optional[str], levels: str, **fields) -> "vqvae.QuantizerConfig":
+    """The QuantizerConfig of `vqvae train`'s options: the kind defaults to gumbel for the dvae and ema
+    otherwise; fsq's code dim and codebook size follow --levels."""
+    kind = kind or ("gumbel" if model == "dvae" else "ema")
+    try:
+        parsed = tuple(int(v) for v in levels.split(","))
+    except ValueError:
+        raise vqvae.ConfigError(f"--levels must be integers separated by commas, e.g. 8,5,5,5; got {levels!r}") from None
+    if kind == "fsq":
+        fields.update(code_dim=len(parsed), codebook_size=math.prod(parsed))
+    return vqvae.QuantizerConfig(kind=kind, levels=parsed, **fields)
 
 
 def _train(model_cfg, train_cfg, out_dir: Path, resume: bool = False) -> dict:
@@ -188,8 +216,9 @@ def evaluate(run: Path = RunArg,
              data: Optional[str] = typer.Option(None, help="Evaluate on this dataset URI's held-out split "
                                                            "instead of the run's own."),
              as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
-    """Held-out PSNR, SSIM, MSE, perplexity, codebook usage; with a prior, its bits (float and integer
-    models) and bits per dimension."""
+    """Held-out PSNR, SSIM, MSE, bits per dimension (the VAE's ELBO; the uniform prior's for models with
+    codes), perplexity and codebook usage; with a prior, its bits (float and integer models) and bits per
+    dimension."""
     figures = vqvae.evaluate_run(Run(run), data)
     _print_figures(f"held-out figures of {run}" + (f" on {data}" if data else ""), figures, as_json)
 
@@ -209,13 +238,28 @@ def reconstruct(run: Path = RunArg, images: list[Path] = ImagesArg,
         err.print(f"wrote {_shown(target)}")
 
 
+def _one_grid_model(run: Path):
+    """The run's model if its codes are one integer grid per image (a residual VQ's with a stage axis), else a
+    one-line RunError: the AE and VAE have continuous latents, the VQ-VAE-2 two grids."""
+    model = Run(run).model()
+    kind = model.cfg.model
+    if not model.discrete:
+        raise vqvae.RunError(f"{run}: a {kind!r} model has continuous latents, not integer codes; "
+                             "`vqvae reconstruct` encodes and decodes them")
+    if kind == "vqvae2":
+        raise vqvae.RunError(f"{run}: a 'vqvae2' model has two code grids per image, which codes files do not "
+                             "hold; `vqvae reconstruct` encodes and decodes them")
+    return model
+
+
 @app.command()
 def encode(run: Path = RunArg, images: list[Path] = ImagesArg,
            output: Path = typer.Option(..., "-o", "--output", help="The .npz file of codes to write."),
            force: bool = ForceOpt, max_pixels: int = MaxPixelsOpt) -> None:
-    """Images -> integer code grids, saved as .npz (codes_0, codes_1, ... with names and sizes)."""
+    """Images -> integer code grids, saved as .npz (codes_0, codes_1, ... with names and sizes); residual VQ's
+    grids have a stage axis first. Models without one code grid (ae, vae, vqvae2) are refused."""
     check_outputs([output], force)
-    model = Run(run).model()
+    model = _one_grid_model(run)
     encoded = [model.encode(x[None]) for x in _load_inputs(images, model.cfg.in_channels, max_pixels)]
     vqvae.save_codes(output, [e.codes[0] for e in encoded], [e.size for e in encoded], [p.name for p in images],
                      model.cfg.quantizer.codebook_size, model.cfg.in_channels)
@@ -233,8 +277,9 @@ def decode(run: Path = RunArg,
                                             "(x.png, x-2.png, ... where sources share a name)."),
            force: bool = ForceOpt) -> None:
     """Code grids (.npz from `vqvae encode`) -> images, at the encoded images' sizes."""
-    model = Run(run).model()
-    entries = vqvae.load_codes(codes, model.cfg.quantizer.codebook_size, model.cfg.dims, model.cfg.downsample)
+    model = _one_grid_model(run)
+    entries = vqvae.load_codes(codes, model.cfg.quantizer.codebook_size, model.cfg.dims, model.cfg.downsample,
+                               stages=getattr(model.quantizer, "num_stages", 0))
     names = [name for name, _, _ in entries]
     targets = output_paths(names, output, ".png", unique=True)
     check_outputs(targets, force, sources=names)
@@ -352,6 +397,38 @@ def decompress(run: Path = RunArg,
     for image, target in zip(decoded, targets):
         vqvae.save_image(image.cpu(), target)
     err.print(f"wrote {len(decoded)} image(s) to {_shown(output)}")
+
+
+# -- the family side by side -------------------------------------------------------------------------------
+
+
+@app.command("compare")
+def compare_cmd(
+    data: str = typer.Option("mnist", help="Dataset URI (as for `vqvae train`)."),
+    steps: int = typer.Option(1500, help="Training steps of every model."),
+    models: str = typer.Option(",".join(vqvae.MODEL_VARIANTS),
+                               help=f"Comma-separated, from {', '.join(vqvae.MODEL_VARIANTS)} (fsq and rvq are "
+                                    "VQ-VAEs with those quantizers)."),
+    prior_steps: int = typer.Option(0, help="Also train a prior this many steps on single-grid codes (vqvae, "
+                                            "dvae, fsq): learned-prior bits/dim and .vqz bits per image."),
+    out_dir: Path = typer.Option(Path("runs/compare"), "--out", help="Directory of the runs (one per model) and "
+                                                                     "of compare.json, compare.md, compare.png."),
+    batch_size: int = typer.Option(32),
+    lr: float = typer.Option(2e-3),
+    seed: int = typer.Option(0),
+    device: str = typer.Option("auto"),
+    force: bool = typer.Option(False, "--force", help="Replace runs that exist under --out."),
+) -> None:
+    """Train each model at the same step budget, one run each under --out, and print one table of held-out
+    PSNR, SSIM, bits per dimension, codebook use, training time and .vqz size (also as JSON, Markdown, PNG)."""
+    names = [m.strip() for m in models.split(",") if m.strip()]
+    tcfg = vqvae.TrainConfig(data=data, steps=steps, batch_size=batch_size, lr=lr, seed=seed, device=device)
+    rows = vqvae.compare_models(data, names, out_dir, steps, prior_steps=prior_steps, train=tcfg, force=force,
+                                console=err)
+    settings = vqvae.comparison_settings(data, names, steps, prior_steps, tcfg, None)
+    paths = vqvae.write_comparison(rows, out_dir, settings)
+    out.print(vqvae.comparison_table(rows, _shown(f"held-out {data}, {steps} steps each")))
+    err.print("wrote " + ", ".join(_shown(p) for p in paths))
 
 
 # -- everything at once ------------------------------------------------------------------------------------

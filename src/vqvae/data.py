@@ -388,10 +388,11 @@ def save_codes(path: str | Path, grids: list[torch.Tensor], sizes: list[tuple[in
 
 
 def load_codes(path: str | Path, codebook_size: int, dims: int,
-               factor: int) -> list[tuple[str, torch.Tensor, tuple[int, ...]]]:
+               factor: int, stages: int = 0) -> list[tuple[str, torch.Tensor, tuple[int, ...]]]:
     """The (name, codes (S') int64, image size) entries of a .npz file from `save_codes`, checked against
     a codebook of `codebook_size` codes, `dims`-D grids and a model that downsamples by `factor`. Files
-    from earlier versions store the padding (pad_i) instead of the size: size = S' * factor - pad."""
+    from earlier versions store the padding (pad_i) instead of the size: size = S' * factor - pad.
+    `stages` > 0 (residual VQ): each grid has a leading stage axis, (Q', *S') with 1 <= Q' <= stages."""
     path = Path(path)
     what = "a codes file written by `vqvae encode`"
     arrays = _read_npz(path, what)
@@ -401,10 +402,11 @@ def load_codes(path: str | Path, codebook_size: int, dims: int,
     entries = []
     for i, name in enumerate(names):
         grid = arrays.get(f"codes_{i}")
-        if grid is None or grid.ndim != dims or not np.issubdtype(grid.dtype, np.integer) or grid.size == 0 \
-                or grid.min() < 0 or grid.max() >= codebook_size:
+        lead = 1 if stages else 0
+        if grid is None or grid.ndim != dims + lead or not np.issubdtype(grid.dtype, np.integer) or grid.size == 0 \
+                or grid.min() < 0 or grid.max() >= codebook_size or (lead and grid.shape[0] > stages):
             raise DataError(f"{path}: entry codes_{i} is missing or not a {dims}-D code grid with values in "
-                            f"0..{codebook_size - 1}")
+                            f"0..{codebook_size - 1}" + (f" and 1..{stages} stages" if stages else ""))
         codes = torch.from_numpy(grid.astype(np.int64))
         stored = arrays.get(f"size_{i}", arrays.get(f"pad_{i}"))
         if stored is None:
@@ -414,8 +416,8 @@ def load_codes(path: str | Path, codebook_size: int, dims: int,
         if f"size_{i}" in arrays:
             size = tuple(int(v) for v in stored)
         else:  # written before sizes were stored: the padding instead
-            size = tuple(s * factor - int(p) for s, p in zip(grid.shape, stored))
-        if len(size) != dims or any(not (s - 1) // factor + 1 == g for s, g in zip(size, grid.shape)):
+            size = tuple(s * factor - int(p) for s, p in zip(grid.shape[lead:], stored))
+        if len(size) != dims or any(not (s - 1) // factor + 1 == g for s, g in zip(size, grid.shape[lead:])):
             raise DataError(f"{path}: entry size_{i} {size} does not fit its code grid {grid.shape}")
         entries.append((str(name), codes, size))
     return entries

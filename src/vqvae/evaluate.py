@@ -12,13 +12,18 @@ from pathlib import Path
 
 import torch
 
+from .errors import RunError
 from .metrics import bits_per_dim, code_histogram, codes_used, fit_log_scale, perplexity, psnr, ssim
 from .nets import eval_mode
 
 
 @torch.no_grad()
 def encode_dataset(model, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Images (N, C, H, W) -> int16 code grids (N, *S'), in batches on the model's device."""
+    """Images (N, C, H, W) -> int16 code grids (N, *S') ((N, Q, *S') with residual VQ), in batches on the
+    model's device. Models without one code grid per image (AE, VAE, VQ-VAE-2) are a `RunError`."""
+    if not model.discrete or hasattr(model, "top_quantizer"):
+        what = "continuous latents" if not model.discrete else "two code grids (top and bottom)"
+        raise RunError(f"a {model.cfg.model!r} model has {what}, not one grid of integer codes per image")
     with eval_mode(model):
         grids = [model.encode(images[i:i + batch_size].to(model.device)).codes.cpu()
                  for i in range(0, len(images), batch_size)]
@@ -33,33 +38,113 @@ def reconstruct_dataset(model, images: torch.Tensor, batch_size: int = 500) -> t
                           for i in range(0, len(images), batch_size)])
 
 
-@torch.no_grad()
-def evaluate_autoencoder(model, images: torch.Tensor, batch_size: int = 250) -> dict:
-    """Held-out figures of an autoencoder on images (N, C, H, W) in [0, 1].
+def code_grids(model, encoded) -> dict[str, list[torch.Tensor]]:
+    """The integer code grids of `model.encode`'s output, by codebook: {"": [grid, ...]} for one codebook,
+    one grid per residual-VQ stage ((B, *S') each), and {"": bottom grids, "top_": top grids} for the
+    VQ-VAE-2 (the prefix is that of the figures' keys)."""
+    if hasattr(encoded, "top"):  # Encoded2
+        return {"": _stages(model.quantizer, encoded.bottom), "top_": _stages(model.top_quantizer, encoded.top)}
+    return {"": _stages(model.quantizer, encoded.codes)}
 
-    psnr and ssim are means over images; mse is per pixel; perplexity and codes_used describe the code
-    histogram of the whole split.
+
+def _stages(quantizer, codes: torch.Tensor) -> list[torch.Tensor]:
+    """(B, *S') -> [codes]; residual VQ's (B, Q, *S') -> Q grids (B, *S')."""
+    return list(codes.unbind(1)) if hasattr(quantizer, "num_stages") else [codes]
+
+
+def _bits_per_position(quantizer) -> float:
+    """log2 K bits per code position under the uniform prior (residual VQ: log2 K for each of its stages)."""
+    return math.log2(quantizer.codebook_size) * getattr(quantizer, "num_stages", 1)
+
+
+def uniform_bits_per_image(model, size: tuple[int, ...]) -> float:
+    """Bits of the codes of one image of spatial size `size` under the uniform prior: log2 K per code, over
+    every grid (the VQ-VAE-2's top grid too). The paper's constant KL of a VQ-VAE without a learned prior."""
+    bits = math.prod(model.code_shape(size)) * _bits_per_position(model.quantizer)
+    if hasattr(model, "top_quantizer"):  # VQ-VAE-2
+        bits += math.prod(model.top_shape(size)) * _bits_per_position(model.top_quantizer)
+    return bits
+
+
+@torch.no_grad()
+def evaluate_autoencoder(model, images: torch.Tensor, batch_size: int = 250,
+                         train_images: torch.Tensor | None = None) -> dict:
+    """Held-out figures of any model of the family (models.py) on images (N, C, H, W) in [0, 1].
+
+    psnr and ssim are means over images; mse is per pixel. Models with codes add perplexity and
+    codes_used of the code histogram of the whole split (with residual VQ, means over the stages; the
+    VQ-VAE-2 adds top_perplexity and top_codes_used for its top grid). With `train_images` (whose first
+    1,000 fit the decoder's noise scale), bits per dimension (upper bounds on -log2 p(x) per 8-bit
+    dimension, `bits_figures`): uniform_bits_per_dim for models with codes, elbo_bits_per_dim (with
+    kl_bits_per_dim and nll_bits_per_dim) for the VAE; none for the AE, which has no likelihood.
     """
-    K = model.cfg.quantizer.codebook_size
-    counts = torch.zeros(K, dtype=torch.long)
+    counts: dict[str, list[torch.Tensor]] = {}
     psnrs, ssims, mses = [], [], []
     with eval_mode(model):
         for start in range(0, images.shape[0], batch_size):
             x = images[start:start + batch_size].to(model.device)
             encoded = model.encode(x)
             x_hat = model.decode(encoded)
-            counts += code_histogram(encoded.codes.cpu(), K)
+            if model.discrete:
+                for prefix, grids in code_grids(model, encoded).items():
+                    K = (model.top_quantizer if prefix else model.quantizer).codebook_size
+                    hists = [code_histogram(g.cpu(), K) for g in grids]
+                    counts[prefix] = hists if prefix not in counts else [a + b for a, b in zip(counts[prefix], hists)]
             psnrs.append(psnr(x_hat, x).cpu())
             ssims.append(ssim(x_hat, x).cpu())
             mses.append((x_hat - x).pow(2).flatten(1).mean(1).cpu())
-    return {
+    figures = {
         "psnr": float(torch.cat(psnrs).mean()),
         "ssim": float(torch.cat(ssims).mean()),
         "mse": float(torch.cat(mses).mean()),
-        "perplexity": float(perplexity(counts)),
-        "codes_used": codes_used(counts),
-        "images": int(images.shape[0]),
     }
+    for prefix, hists in counts.items():
+        figures[f"{prefix}perplexity"] = sum(float(perplexity(h)) for h in hists) / len(hists)
+        figures[f"{prefix}codes_used"] = sum(codes_used(h) for h in hists) / len(hists)
+    figures["images"] = int(images.shape[0])
+    if train_images is not None:
+        figures.update(bits_figures(model, train_images, images))
+    return figures
+
+
+@torch.no_grad()
+def bits_figures(model, train_images: torch.Tensor, test_images: torch.Tensor, vae_samples: int = 4,
+                 seed: int = 0) -> dict:
+    """Bits per dimension of the test images (N, C, H, W), means over images, for the table that sets the
+    family side by side (the VQ-VAE paper's bits/dim), each an upper bound on -log2 p(x) / (C H W):
+
+    - models with codes: uniform_bits_per_dim = (codes' bits under the uniform prior, log2 K each, +
+      discretized-Gaussian bits of x given the decoded codes) / dims, the decoder's log scale fitted on
+      (up to 1,000) training images as `likelihood` does (decoder_log_scale);
+    - the VAE: elbo_bits_per_dim = nll_bits_per_dim + kl_bits_per_dim, the negative ELBO with the same
+      discretized Gaussian at the model's learned log scale, over `vae_samples` draws of z (seeded by
+      `seed`); kl_bits_per_dim is KL(q(z|x) || N(0, I)) / (ln 2 * dims), in closed form;
+    - the AE: {} (no likelihood).
+    Images of every size the model takes; all test images must share one size (one batch per 250).
+    """
+    from .continuous import VAE, gaussian_kl
+
+    dims = test_images[0].numel()
+    if isinstance(model, VAE):
+        generator = torch.Generator(device=model.device).manual_seed(seed)
+        kl, elbo = [], []
+        with eval_mode(model):
+            for start in range(0, len(test_images), 250):
+                x = test_images[start:start + 250].to(model.device)
+                mean, logvar = model.posterior(x)
+                kl.append((gaussian_kl(mean, logvar).double() / math.log(2) / dims).cpu())
+                elbo.append(model.elbo_bits_per_dim(x, samples=vae_samples, generator=generator).cpu())
+        kl_bpd, elbo_bpd = float(torch.cat(kl).mean()), float(torch.cat(elbo).mean())
+        return {"elbo_bits_per_dim": elbo_bpd, "kl_bits_per_dim": kl_bpd, "nll_bits_per_dim": elbo_bpd - kl_bpd,
+                "decoder_log_scale": float(model.log_scale)}
+    if not model.discrete:
+        return {}
+    train = train_images[:1000]
+    log_scale = fit_log_scale(train, reconstruct_dataset(model, train))
+    prior_bits = torch.full((len(test_images),), uniform_bits_per_image(model, tuple(test_images.shape[2:])),
+                            dtype=torch.float64)
+    bpd = bits_per_dim(prior_bits, test_images, reconstruct_dataset(model, test_images), log_scale)
+    return {"uniform_bits_per_dim": float(bpd.mean()), "decoder_log_scale": log_scale}
 
 
 def prior_figures(prior, codes: dict) -> dict:
@@ -106,15 +191,16 @@ def integer_prior_figures(integer_prior, codes: torch.Tensor) -> dict:
 
 def evaluate_run(run, data: str | None = None) -> dict:
     """Every figure of a run on its held-out split (or on the held-out split of dataset URI `data`):
-    evaluate_autoencoder's, and with a prior its held-out bits per latent (float and integer models) and
+    evaluate_autoencoder's (bits per dimension included, the decoder's scale fitted on the same dataset's
+    training split), and with a prior its held-out bits per latent (float and integer models) and
     bits_per_dim. Images of another channel count are converted (gray <-> RGB) as `reconstruct` does."""
     from .data import to_channels
 
     model, dataset = run.model(), run.dataset(data)
     channels = model.cfg.in_channels
     dataset.train, dataset.test = to_channels(dataset.train, channels), to_channels(dataset.test, channels)
-    figures = evaluate_autoencoder(model, dataset.test)
-    if run.has_prior():
+    figures = evaluate_autoencoder(model, dataset.test, train_images=dataset.train)
+    if run.has_prior() and model.discrete and not hasattr(model, "top_quantizer"):  # one code grid per image
         prior = run.prior()
         codes = encode_dataset(model, dataset.test)
         if tuple(codes.shape[1:]) == prior.cfg.grid:

@@ -240,13 +240,14 @@ class Run:
         return value
 
     def model(self, device: str | torch.device = "cpu", best: bool = False):
-        """The trained VQVAE, in eval mode on `device` (read once per Run object); `best`: with the weights of
-        its best held-out evaluation (`model.best.safetensors`, kept by training with `--eval-every`)."""
-        from .autoencoders import VQVAE
+        """The trained model, whatever its kind (models.py: VQVAE, DVAE, VQVAE2, AE, VAE), in eval mode on
+        `device` (read once per Run object); `best`: with the weights of its best held-out evaluation
+        (`model.best.safetensors`, kept by training with `--eval-every`)."""
+        from .models import load_model
 
         def load():
             try:
-                model = VQVAE.from_pretrained(self.path, device)
+                model = load_model(self.path, device)
             except ConfigError as e:  # a hand-edited config.json: name the file
                 raise RunError(f"{self.path / pretrained.CONFIG_NAME}: bad 'model' section ({e})") from None
             return self._load_best(model, self.best_path(), device) if best else model

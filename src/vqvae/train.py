@@ -56,6 +56,7 @@ from .devices import AUTOCAST, barrier, batch_share, init_distributed, pick_devi
 from .errors import ConfigError, RunError
 from .evaluate import encode_dataset, evaluate_autoencoder, integer_prior_figures, likelihood, prior_figures
 from .heldout import HeldOut, autoencoder_heldout, prior_heldout, save_weights
+from .models import build_model
 from .pretrained import fingerprint
 from .run import CodeChunks, Run
 
@@ -450,7 +451,8 @@ def holding_run_lock(owner: str):
 # -- autoencoders --------------------------------------------------------------------------------------
 def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
                       show_progress: bool = True, console: Console | None = None) -> dict:
-    """Train a VQ-VAE on `train_cfg.data` into run directory `out_dir`; returns held-out metrics.
+    """Train the model `model_cfg.model` names (models.py) on `train_cfg.data` into run directory `out_dir`;
+    returns held-out metrics (`evaluate_autoencoder`).
 
     With `resume`, the model, optimizer and budget continue from the run's last checkpoint (the run's own
     `config.json` wins over the arguments, so a resumed run is the same run). The device and the dataset
@@ -482,7 +484,7 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
 
             with console.status("building the quantizer's CPU kernel (first use only)") if rank == 0 else nullcontext():
                 build_kernel()
-        model = run.model(device) if resume else VQVAE(model_cfg).to(device)
+        model = run.model(device) if resume else build_model(model_cfg).to(device)
         extra = {**({"id": run_id} if run_id else {}), "train": to_dict(train_cfg),
                  "data": {"uri": data.uri, "channels": data.channels, "image_size": list(data.image_size),
                           "num_classes": data.num_classes}}
@@ -499,12 +501,15 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
                 return train_x[idx.to(device)]  # the global batch; the trainer keeps this rank's slice
 
         def loss_fn(m, x):
+            model.set_progress(trainer.progress_fraction())  # schedules (the dVAE's temperature and KL weight)
             out = m(x)
             return out.loss, out.metrics
 
         def fmt(m: dict) -> str:
             psnr = 10 * math.log10(1 / max(m["mse"], 1e-10))
-            return f"loss {m['loss']:.4f}  PSNR {psnr:5.2f} dB  perplexity {m['perplexity']:6.1f}"
+            extra = {"perplexity": "perplexity {:6.1f}", "kl_bits_per_dim": "KL {:.3f} bits/dim"}
+            return "  ".join([f"loss {m['loss']:.4f}  PSNR {psnr:5.2f} dB",
+                              *(form.format(m[k]) for k, form in extra.items() if k in m)])
 
         heldout = autoencoder_heldout(model, data.train, data.test, lambda: save_weights(model, run.best_path())) \
             if train_cfg.eval_every else None
