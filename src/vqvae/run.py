@@ -272,9 +272,9 @@ class Run:
                 if name == "train" or prior.cfg.num_classes:
                     raise RunError(f"{path}: missing or unreadable; rerun `vqvae prior {self.path} --force`") from None
         codes = arrays["train"]
-        if tuple(codes.shape[1:]) != prior.cfg.grid:
+        if tuple(codes.shape[1:]) != prior.code_shape:
             raise RunError(f"{self.codes_dir / 'train.npy'}: code grids of shape {tuple(codes.shape[1:])}, the prior "
-                           f"models {prior.cfg.grid}; rerun `vqvae prior {self.path} --force`")
+                           f"models {prior.code_shape}; rerun `vqvae prior {self.path} --force`")
         labels = arrays.get("train_labels") if prior.cfg.num_classes else None
         integer = IntegerPrior.from_prior(prior, codes, labels)
         integer.save_pretrained(self.integer_prior_dir)
