@@ -337,8 +337,9 @@ class Run:
         return torch.bincount(torch.from_numpy(codes.astype(np.int64)).flatten(), minlength=K)
 
     # -- compression ---------------------------------------------------------------------------------
-    def compress(self, images: list[torch.Tensor], coder: str = "range") -> tuple[bytes, dict]:
-        """Images (C, H, W) in [0, 1], any sizes -> (bytes of one .vqz file, stats); see `codec.compress`."""
+    def compress(self, images: list[torch.Tensor], coder: str = "range", stages: int | None = None) -> tuple[bytes, dict]:
+        """Images (C, H, W) in [0, 1], any sizes -> (bytes of one .vqz file, stats); see `codec.compress`.
+        `stages` (residual-VQ runs): code the first s stages only (default all), an operating point."""
         from . import codec
         from .errors import ConfigError
 
@@ -346,8 +347,8 @@ class Run:
             raise ConfigError(f"coder must be 'range' or 'huffman', got {coder!r}")
         model = self.model()
         if coder == "range":  # labels (class-conditional priors) are chosen with the float prior: faster
-            return codec.compress(model, self.integer_prior(), images, label_prior=self.prior())
-        return codec.compress(model, None, images, coder="huffman", code_counts=self.code_counts())
+            return codec.compress(model, self.integer_prior(), images, label_prior=self.prior(), stages=stages)
+        return codec.compress(model, None, images, coder="huffman", code_counts=self.code_counts(), stages=stages)
 
     def decompress(self, data: bytes, max_pixels: int | None = None) -> list[torch.Tensor]:
         """The images of a .vqz file made with this run, at their sizes; the file says which prior it needs.
