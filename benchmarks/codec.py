@@ -1,6 +1,7 @@
 """Rate-distortion of vqvae's .vqz files against PNG, JPEG and WebP on held-out images, in one run.
 
     python benchmarks/codec.py [RUN ...]      # runs with a prior (default runs/demo, from `make demo`)
+    python benchmarks/codec.py --train-rvq runs/rvq4 runs/rvq4   # first train the residual-VQ run measured
 
 Every run gives operating points: a residual-VQ run one per stage count s (the first s stages of its
 codes, `vqvae compress --stages s`), any other run one. For each: PSNR of the decoded held-out images (8-bit,
@@ -76,12 +77,30 @@ def table(points: list[dict], classical: list[dict], images: int, single: int) -
     return "\n".join(lines) + "\n"
 
 
+def train_rvq(path: Path, stages: int = 4, codebook_size: int = 256, seconds: float = 240.0) -> None:
+    """The residual-VQ run of the README's curve: a VQ-VAE with `stages` stages of `codebook_size` codes on
+    MNIST, then a class-conditional transformer prior over all stages, each trained for `seconds`."""
+    from vqvae import ModelConfig, QuantizerConfig, TrainConfig, train_autoencoder, train_prior
+
+    q = QuantizerConfig(kind="rvq", stages=stages, codebook_size=codebook_size, code_dim=16)
+    train_autoencoder(ModelConfig(quantizer=q), TrainConfig(data="mnist", steps=100_000, max_seconds=seconds,
+                                                            device="cpu"), path, show_progress=False)
+    prior_train = TrainConfig(data="codes", steps=100_000, max_seconds=seconds, batch_size=64, device="cpu",
+                              warmup_steps=200)
+    train_prior(path, dict(arch="transformer", n_layer=4, n_embd=64, n_head=4), prior_train, shifts=1,
+                show_progress=False)
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("runs", nargs="*", default=["runs/demo"])
     parser.add_argument("--single", type=int, default=100, help="how many images to compress one file each")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for codec.json, codec.md, codec.png")
+    parser.add_argument("--train-rvq", type=Path, help="first train a 4-stage residual-VQ run and its prior here "
+                                                        "(4 + 4 minutes of training)")
     args = parser.parse_args()
+    if args.train_rvq is not None:
+        train_rvq(args.train_rvq)
     runs = [Run(r) for r in args.runs]
     test = runs[0].dataset().test
     points = [p for run in runs for p in operating_points(run, test, args.single)]
