@@ -42,19 +42,21 @@ def test_header_round_trip_and_size(model, prior):
                                        ((1, 28, 28),), version=2, integer_model=0)
 
 
-def _header(version, coder, integer_model, fps, shapes, uniform, labels):
+def _header(version, coder, integer_model, fps, shapes, uniform, labels, stages):
     shapes = tuple(shapes[:1] * len(shapes)) if uniform else tuple(shapes)
     labels = None if labels is None else tuple((labels * len(shapes))[: len(shapes)])
-    integer_model = integer_model if version == 2 and coder == "range" else 0
+    integer_model = integer_model if version >= 2 and coder == "range" else 0
+    stages = stages if version == container.STAGES_VERSION else 0
     n = container.FINGERPRINT_BYTES
-    return Header(coder, fps[:n], fps[n:], shapes, labels, version, integer_model)
+    return Header(coder, fps[:n], fps[n:], shapes, labels, version, integer_model, stages)
 
 
 headers = st.builds(
     _header, st.sampled_from(container.VERSIONS), st.sampled_from(container.CODERS), st.integers(1, 15),
     st.binary(min_size=2 * container.FINGERPRINT_BYTES, max_size=2 * container.FINGERPRINT_BYTES),
     st.lists(st.tuples(st.integers(1, 4), st.integers(1, 3000), st.integers(1, 3000)), min_size=1, max_size=5),
-    st.booleans(), st.none() | st.lists(st.integers(0, 1000), min_size=1, max_size=5))
+    st.booleans(), st.none() | st.lists(st.integers(0, 1000), min_size=1, max_size=5),
+    st.integers(1, container.MAX_STAGES))
 
 
 @settings(max_examples=200, deadline=None)
@@ -101,7 +103,7 @@ def test_every_truncation_is_caught(model, prior, small_file):
 @pytest.mark.parametrize("data, match", [
     (b"", "empty"), (b"not a vqz", "not a .vqz"), (b"VQ", "truncated"),
     (b"\x89PNG\r\n\x1a\n" + bytes(20), "not a .vqz"),
-    (b"VQZ\x01", "truncated"), (b"VQZ\x03" + bytes(30), "version 3"), (b"VQZ\x00" + bytes(30), "version 0"),
+    (b"VQZ\x01", "truncated"), (b"VQZ\x04" + bytes(30), "version 4"), (b"VQZ\x00" + bytes(30), "version 0"),
     ("VQZ", "expected the bytes"),
 ])
 def test_not_a_vqz_file(model, prior, data, match):
@@ -113,8 +115,8 @@ def test_not_a_vqz_file(model, prior, data, match):
 
 def test_newer_version_is_named(model, prior, small_file):
     bad = bytearray(small_file)
-    bad[3] = 3
-    with pytest.raises(CodecError, match="version 3.*newer"):
+    bad[3] = max(container.VERSIONS) + 1
+    with pytest.raises(CodecError, match=f"version {bad[3]}.*newer"):
         decompress(model, prior, bytes(bad))
 
 

@@ -273,3 +273,43 @@ def test_from_prior_checks_its_inputs():
 
 
 # --- the integer arithmetic against references --------------------------------------------------
+
+
+# -- residual-VQ stages -----------------------------------------------------------------------------
+
+
+@functools.lru_cache(maxsize=None)
+def staged(num_classes=0):
+    """(float, integer) staged transformer priors over codes (B, 3, 4, 5): stage s copies the ramp + s."""
+    torch.manual_seed(0)
+    cfg = PriorConfig(codebook_size=K, grid=GRID, stages=3, num_classes=num_classes, n_layer=2, n_head=2, n_embd=32)
+    prior = build_prior(cfg).eval()
+    codes = staged_codes(256, torch.Generator().manual_seed(0), num_classes)
+    return prior, IntegerPrior.from_prior(prior, *codes)
+
+
+def staged_codes(n, generator, num_classes=0):
+    codes, cond = structured_codes(n, generator, num_classes)
+    return torch.stack([(codes + s) % K for s in range(3)], 1), cond  # (n, 3, H, W)
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_stages_step_by_step_equals_full_pass_and_follows_the_float_prior(num_classes):
+    prior, iprior = staged(num_classes)
+    codes, cond = staged_codes(8, torch.Generator().manual_seed(5), num_classes)
+    assert torch.equal(step_by_step(iprior, codes, cond), iprior.frequencies(codes, cond))
+    bits, reference = iprior.bits(codes, cond), prior_bits(prior, codes, cond)
+    torch.testing.assert_close(bits, reference.double(), rtol=0.02, atol=0)
+    # rows of the K codes of their own stage: valid frequencies
+    freqs = iprior.frequencies(codes, cond)
+    assert freqs.shape == (8, 3 * 20, K) and bool((freqs >= 1).all()) and bool((freqs.sum(-1) == 1 << PRECISION).all())
+
+
+def test_stages_save_load_round_trip(tmp_path):
+    _, iprior = staged()
+    iprior.save_pretrained(tmp_path)
+    again = load_integer_prior(tmp_path)
+    codes, _ = staged_codes(4, torch.Generator().manual_seed(1))
+    assert again.cfg.stages == 3 and torch.equal(again.frequencies(codes), iprior.frequencies(codes))
+    with pytest.raises(ValueError, match=r"\(N, 3, 4, 5\)"):
+        IntegerPrior.from_prior(staged()[0], codes[:, 0])

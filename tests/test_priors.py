@@ -8,7 +8,7 @@ import pytest
 import torch
 
 from vqvae.config import PriorConfig
-from vqvae.errors import RunError
+from vqvae.errors import ConfigError, RunError
 from vqvae.priors import (
     PixelCNNPrior, TransformerPrior, build_prior, load_prior, prior_bits, sample_from_logits,
 )
@@ -341,3 +341,64 @@ def test_prior_bits_matches_log_prob_and_marginalises_classes():
     per_class = torch.stack([conditional.log_prob(codes, torch.full((6,), y)) for y in range(3)]).double()
     expected = -(per_class.exp().mean(0)).log() / math.log(2)
     assert torch.allclose(prior_bits(conditional, codes), expected, atol=1e-5)
+
+
+# -- residual-VQ stages: one sequence of S grids, stage after stage ------------------------------------
+
+
+def staged(S=3, grid=(2, 3), K=4, num_classes=0):
+    return tiny("transformer", grid, K=K, num_classes=num_classes, stages=S)
+
+
+def test_stages_step_by_step_equals_full_pass_and_every_stage_prefix_is_causal():
+    prior = staged(num_classes=2)
+    codes = torch.randint(0, 4, (3, *prior.code_shape), generator=torch.Generator().manual_seed(0))  # (B, S, H, W)
+    cond = torch.tensor([0, 1, 1])
+    with torch.no_grad():
+        full = flat(prior.logits(codes, cond))  # (B, S * L, K), stage-major
+        state, prev, rows = prior.start(3, cond), None, []
+        for t, code in enumerate(codes.flatten(1).T):
+            logits, state = prior.step(state, prev)
+            rows.append(logits)
+            prev = code
+        torch.testing.assert_close(torch.stack(rows, 1), full, atol=1e-5, rtol=1e-5)  # same math, other grouping
+        for t in range(prior.seq_len):  # a code changes no logits at or before its own position
+            changed = codes.flatten(1).clone()
+            changed[:, t] = (changed[:, t] + 1) % 4
+            after = flat(prior.logits(changed.view_as(codes), cond))
+            assert torch.equal(after[:, : t + 1], full[:, : t + 1])
+
+
+def test_stages_probabilities_sum_to_one_and_prefixes_are_marginals():
+    """Brute force over every code sequence of a tiny staged prior: p sums to 1 over all S-stage codes, and
+    summing out the last stage gives the probability the first S - 1 stages' logits assign (a prefix)."""
+    prior = staged(S=2, grid=(1, 2), K=3)
+    every = torch.tensor(list(itertools.product(range(3), repeat=4))).view(-1, *prior.code_shape)  # (81, 2, 1, 2)
+    with torch.no_grad():
+        log_p = prior.log_prob(every)
+        assert float(torch.logsumexp(log_p, 0)) == pytest.approx(0.0, abs=1e-5)
+        prefix = torch.log_softmax(flat(prior.logits(every)), -1)[:, :2]  # (81, 2, K): the stage-0 positions
+        log_p0 = prefix.gather(-1, every[:, 0].flatten(1)[..., None]).sum((1, 2))
+        marginal = torch.logsumexp(log_p.view(9, 9), 1)  # sum over the stage-1 codes of each stage-0 grid
+        torch.testing.assert_close(marginal, log_p0.view(9, 9)[:, 0], atol=1e-5, rtol=0)
+
+
+def test_stages_sample_shapes_and_save_load(tmp_path):
+    prior = staged()
+    g = torch.Generator().manual_seed(0)
+    codes = prior.sample(5, generator=g)
+    assert codes.shape == (5, 3, 2, 3) and int(codes.min()) >= 0 and int(codes.max()) < 4
+    prior.save_pretrained(tmp_path)
+    again = load_prior(tmp_path)
+    assert again.cfg.stages == 3
+    with torch.no_grad():
+        assert torch.equal(again.logits(codes), prior.logits(codes))
+    with pytest.raises(ValueError, match=r"\(B, 3, 2, 3\)"):
+        prior.log_prob(codes[:, 0])
+
+
+def test_stages_need_the_transformer():
+    with pytest.raises(ConfigError, match="stages"):
+        PriorConfig(arch="pixelcnn", stages=2)
+    with pytest.raises(ConfigError, match="stages"):
+        PriorConfig(stages=-1)

@@ -81,6 +81,12 @@ class Autoencoder(nn.Module):
     def device(self) -> torch.device:
         return next(self.parameters()).device
 
+    @property
+    def code_stages(self) -> int:
+        """Q, the residual-VQ stages of the codes (B, Q, *S'); 0 when codes are one grid (B, *S')."""
+        quantizer = getattr(self, "quantizer", None)
+        return quantizer.num_stages if isinstance(quantizer, ResidualVectorQuantizer) else 0
+
     def code_shape(self, size: tuple[int, ...]) -> tuple[int, ...]:
         """The code grid S' of an input of spatial size S: ceil(S / downsample) per dim."""
         return tuple(-(-int(s) // self.cfg.downsample) for s in size)

@@ -363,18 +363,21 @@ def sample(run: Path = RunArg,
 def compress(run: Path = RunArg, images: list[Path] = ImagesArg,
              output: Path = typer.Option(..., "-o", "--output", help="The .vqz file to write."),
              coder: str = typer.Option("range", help="range (the learned prior) or huffman (static code table)."),
+             stages: Optional[int] = typer.Option(None, "--stages", help="Residual-VQ runs: code the first S "
+                                                  "stages only (fewer bytes, lower quality; default all)."),
              as_json: bool = typer.Option(False, "--json", help="Print one JSON object of sizes."),
              force: bool = ForceOpt, max_pixels: int = MaxPixelsOpt) -> None:
-    """Compress one or many images into one .vqz file with the run's learned prior."""
+    """Compress one or many images into one .vqz file with the run's learned prior (decompress reads the
+    stages a file holds from its header)."""
     check_outputs([output], force)
     r = Run(run)
     try:
-        data, stats = r.compress(_load_inputs(images, r.model().cfg.in_channels, max_pixels), coder)
+        data, stats = r.compress(_load_inputs(images, r.model().cfg.in_channels, max_pixels), coder, stages)
     except VQVAEError as e:
         raise _naming_inputs(e, images) from None
     vqvae.write_bytes(output, data)
     figures = {k: stats[k] for k in ("bytes", "header_bytes", "payload_bytes", "bits_per_image",
-                                     "cross_entropy_bits", "overhead", "num_images", "coder")}
+                                     "cross_entropy_bits", "overhead", "num_images", "coder", "stages")}
     err.print(f"wrote {_shown(output)}: {len(data)} bytes for {len(images)} image(s)")
     _print_figures(f"{output}", figures, as_json)
 

@@ -188,6 +188,8 @@ class PriorConfig:
     layer doubles how far back the prior sees, until every code sees all earlier codes of the grid;
     False is the undilated stack, whose reach grows by one code per layer (7 codes along a row with 4
     layers). A config saved without this field predates it and loads as False: that prior's architecture.
+    `stages` (transformer only): 0 for one code grid per image, codes (B, *grid); S >= 1 for the S stages
+    of a residual VQ, codes (B, S, *grid), modelled stage after stage (priors.py says why).
     """
 
     arch: str = "transformer"
@@ -199,10 +201,11 @@ class PriorConfig:
     n_embd: int = 128
     dropout: float = 0.0
     dilated: bool = True
+    stages: int = 0
 
     def __post_init__(self) -> None:
         _check(self.arch in ("transformer", "pixelcnn"), "arch", "'transformer' or 'pixelcnn'", self.arch)
-        for name in ("codebook_size", "num_classes", "n_layer", "n_head", "n_embd"):
+        for name in ("codebook_size", "num_classes", "n_layer", "n_head", "n_embd", "stages"):
             value = getattr(self, name)
             _check(isinstance(value, numbers.Integral) and not isinstance(value, bool), name, "an integer", value)
             object.__setattr__(self, name, int(value))  # plain ints: numpy's would not go to JSON
@@ -224,6 +227,9 @@ class PriorConfig:
         _check(self.n_embd <= MAX_PRIOR_WIDTH, "n_embd", f"at most {MAX_PRIOR_WIDTH}", self.n_embd)
         _check(isinstance(self.dropout, numbers.Real) and 0 <= self.dropout < 1, "dropout", "in [0, 1)", self.dropout)
         _check(isinstance(self.dilated, bool), "dilated", "true or false", self.dilated)
+        _check(0 <= self.stages <= MAX_STAGES, "stages", f"in 0..{MAX_STAGES}", self.stages)
+        _check(self.stages == 0 or self.arch == "transformer", "stages", "0 for a pixelcnn prior (stages need "
+               "the transformer)", self.stages)
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")

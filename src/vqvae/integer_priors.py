@@ -72,8 +72,10 @@ class IntegerPrior(nn.Module):
         if not (2 <= weight_bits <= 24 and 8 <= act_bits <= 24):
             raise ConfigError(f"weight_bits must be in 2..24 and act_bits in 8..24, got {weight_bits}, {act_bits}")
         self.cfg, self.weight_bits, self.act_bits = cfg, weight_bits, act_bits
-        self.seq_len = math.prod(cfg.grid)  # L
+        self.grid_len = math.prod(cfg.grid)  # positions of one grid
+        self.seq_len = self.grid_len * max(cfg.stages, 1)  # L tokens: stage-major with residual-VQ stages
         self.hw = (1, cfg.grid[0]) if len(cfg.grid) == 1 else cfg.grid  # (H, W)
+        self.code_shape = (cfg.stages, *cfg.grid) if cfg.stages else cfg.grid  # one image's codes
         self.act_limit = (1 << (act_bits - 1)) - 1
         hi, lo = fp.exp2_tables()
         self.register_buffer("exp2_hi", hi)
@@ -123,7 +125,7 @@ class IntegerPrior(nn.Module):
     def from_prior(cls, prior: Prior, codes: Tensor, cond: Tensor | None = None, **options) -> "IntegerPrior":
         """Quantize a trained float prior, calibrating activation ranges on training code grids.
 
-        codes: (N, *grid) integers (a few thousand are plenty; more are subsampled), cond: (N,) labels for a
+        codes: (N, *grid) integers ((N, S, *grid) with stages; a few thousand are plenty; more are subsampled), cond: (N,) labels for a
         class-conditional prior. options: weight_bits (16), act_bits (20), margin (2.0: headroom over the
         calibrated ranges), calib_size (2048 grids). Called on a subclass, the arch must match.
         Returns the integer prior on the float prior's device, in eval mode.
@@ -136,8 +138,8 @@ class IntegerPrior(nn.Module):
             raise ConfigError(f"unknown or bad options {unknown or options}: allowed weight_bits, act_bits, "
                               f"margin > 0, calib_size >= 1")
         codes = torch.as_tensor(codes)
-        if tuple(codes.shape[1:]) != prior.cfg.grid or len(codes) == 0:
-            raise ValueError(f"codes must be (N, {', '.join(map(str, prior.cfg.grid))}), got {tuple(codes.shape)}")
+        if tuple(codes.shape[1:]) != prior.code_shape or len(codes) == 0:
+            raise ValueError(f"codes must be (N, {', '.join(map(str, prior.code_shape))}), got {tuple(codes.shape)}")
         if (cond is None) != (prior.cfg.num_classes == 0):
             raise ValueError("pass cond (N,) labels exactly when the prior is class-conditional")
         every = max(1, len(codes) // options.pop("calib_size", 2048))
@@ -150,8 +152,8 @@ class IntegerPrior(nn.Module):
             raise RunError("integer priors need float64 matrix products: run them on cpu or cuda, not mps")
 
     def _check_codes(self, codes: Tensor) -> Tensor:
-        if codes.dtype != torch.long or tuple(codes.shape[1:]) != self.cfg.grid:
-            raise ValueError(f"codes must be int64 of shape (B, {', '.join(map(str, self.cfg.grid))}), "
+        if codes.dtype != torch.long or tuple(codes.shape[1:]) != self.code_shape:
+            raise ValueError(f"codes must be int64 of shape (B, {', '.join(map(str, self.code_shape))}), "
                              f"got {codes.dtype} {tuple(codes.shape)}")
         return codes.flatten(1)
 
@@ -264,12 +266,14 @@ class IntegerTransformerPrior(IntegerPrior):
         hs = C // cfg.n_head
         if hs * A * A >= fp.EXACT or ((1 << fp.PROB_BITS) + self.seq_len) * A >= fp.EXACT:
             raise ConfigError(f"act_bits={act_bits} is too wide for exact attention products: reduce it")
-        for name, rows in (("tok_emb", cfg.codebook_size), ("start_emb", max(cfg.num_classes, 1)),
-                           ("row_emb", self.hw[0]), ("col_emb", self.hw[1])):
-            self.register_buffer(name, torch.zeros(rows, C, dtype=torch.long))  # at the residual scale
+        S = max(cfg.stages, 1)
+        rows = {"tok_emb": S * cfg.codebook_size, "start_emb": max(cfg.num_classes, 1), "row_emb": self.hw[0],
+                "col_emb": self.hw[1], **({"stage_emb": cfg.stages} if cfg.stages else {})}
+        for name, n in rows.items():
+            self.register_buffer(name, torch.zeros(n, C, dtype=torch.long))  # at the residual scale
         self.register_buffer("ln_eps", torch.ones(2 * cfg.n_layer + 1, dtype=torch.long))
         self.blocks = nn.ModuleList(_Block(C, A, act_bits) for _ in range(cfg.n_layer))
-        self.head = QLinear(C, cfg.codebook_size, A, 48)  # -> logits in units of 2**-16 bits
+        self.head = QLinear(C, S * cfg.codebook_size, A, 48)  # -> logits in units of 2**-16 bits
         self.register_buffer("gelu_table", torch.zeros((2 * fp.GELU_RANGE << fp.TABLE_STEP) + 1, dtype=torch.long))
 
     def _verify(self) -> None:
@@ -320,23 +324,39 @@ class IntegerTransformerPrior(IntegerPrior):
         gelu = torch.where(hidden >= fp.GELU_RANGE << fp.TABLE_FRAC, hidden, fp.lookup(hidden, self.gelu_table))
         return (x + blk.mlp_proj(gelu)).clamp_(-A, A)
 
+    def _tokens(self, codes: Tensor, positions: Tensor) -> Tensor:
+        """Codes (B, T) at sequence positions (T,) -> tokens: code + s * K at a position of stage s."""
+        if not self.cfg.stages:
+            return codes
+        return codes + positions // self.grid_len * self.cfg.codebook_size
+
+    def _stage_logits(self, logits: Tensor, positions: Tensor) -> Tensor:
+        """Head outputs (B, T, S * K) at sequence positions (T,) -> (B, T, K), each its stage's K."""
+        if not self.cfg.stages:
+            return logits
+        T = len(positions)
+        return logits.view(len(logits), T, -1, self.cfg.codebook_size)[:, torch.arange(T), positions // self.grid_len]
+
     def _inputs(self, tokens: Tensor, positions: Tensor, cond: Tensor | None) -> Tensor:
-        """tokens (B, T) int64 codes, -1 for the start token; positions (T,) -> residual inputs (B, T, C)."""
+        """tokens (B, T) int64 (`_tokens`), -1 for the start token; positions (T,) -> residual inputs (B, T, C)."""
         start = self.start_emb[0 if cond is None else cond][..., None, :].expand(*tokens.shape, -1)
         x = torch.where((tokens < 0)[..., None], start, self.tok_emb[tokens.clamp(min=0)])
         if cond is not None:
             x = x + self.start_emb[cond][:, None]
-        W = self.hw[1]
-        x = x + self.col_emb[positions % W] + self.row_emb[positions // W]
+        p, W = positions % self.grid_len, self.hw[1]
+        x = x + self.col_emb[p % W] + self.row_emb[p // W]
+        if self.cfg.stages:
+            x = x + self.stage_emb[positions // self.grid_len]
         return x.clamp_(-self.act_limit, self.act_limit)
 
     def _logits(self, codes: Tensor, cond: Tensor | None) -> Tensor:
         B, L = codes.shape
-        tokens = torch.cat([codes.new_full((B, 1), -1), codes[:, :-1]], 1)
-        x = self._inputs(tokens, torch.arange(L, device=codes.device), cond)
+        positions = torch.arange(L, device=codes.device)
+        tokens = torch.cat([codes.new_full((B, 1), -1), self._tokens(codes, positions)[:, :-1]], 1)
+        x = self._inputs(tokens, positions, cond)
         for i in range(self.cfg.n_layer):
             x = self._block(i, x)
-        return self.head(self._ln(x, 2 * self.cfg.n_layer))  # (B, L, K)
+        return self._stage_logits(self.head(self._ln(x, 2 * self.cfg.n_layer)), positions)  # (B, L, K)
 
     @torch.no_grad()
     def start(self, batch: int, cond: Tensor | None = None) -> DecodeState:
@@ -352,11 +372,15 @@ class IntegerTransformerPrior(IntegerPrior):
     def step(self, state: DecodeState, prev_codes: Tensor | None) -> tuple[Tensor, DecodeState]:
         self._advance(state, prev_codes)
         t, B = state.pos, state.buffer.size(2)
-        tokens = torch.full((B, 1), -1, device=self.device) if t == 0 else prev_codes.to(self.device)[:, None]
-        x = self._inputs(tokens, torch.tensor([t], device=self.device), state.cond)  # (B, 1, C)
+        if t == 0:
+            tokens = torch.full((B, 1), -1, device=self.device)
+        else:  # the previous position's code, as a token of its stage
+            tokens = self._tokens(prev_codes.to(self.device)[:, None], torch.tensor([t - 1], device=self.device))
+        position = torch.tensor([t], device=self.device)
+        x = self._inputs(tokens, position, state.cond)  # (B, 1, C)
         for i in range(self.cfg.n_layer):
             x = self._block(i, x, state.buffer[i], t)
-        logits = self.head(self._ln(x[:, 0], 2 * self.cfg.n_layer))  # (B, K)
+        logits = self._stage_logits(self.head(self._ln(x, 2 * self.cfg.n_layer)), position)[:, 0]  # (B, K)
         state.pos += 1
         return fp.frequencies(logits, self.exp2_hi, self.exp2_lo), state
 
@@ -374,7 +398,8 @@ class IntegerTransformerPrior(IntegerPrior):
         unit = torch.full((4 * C,), 2.0 ** -fp.TABLE_FRAC, dtype=torch.float64)
         model.gelu_table.copy_(fp.function_table(lambda x: 0.5 * x * (1 + math.erf(x / math.sqrt(2))), fp.GELU_RANGE))
         emb = {"tok_emb": prior.tok_emb.weight, "start_emb": prior.start_emb.weight, "col_emb": prior.col_emb.weight,
-               "row_emb": prior.row_emb.weight if prior.row_emb is not None else torch.zeros(1, C)}
+               "row_emb": prior.row_emb.weight if prior.row_emb is not None else torch.zeros(1, C),
+               **({"stage_emb": prior.stage_emb.weight} if cfg.stages else {})}
         for name, weight in emb.items():
             getattr(model, name).copy_(torch.round(weight.double().cpu() / s_res).long().clamp(-A, A))
         lns = [ln for b in prior.blocks for ln in (b.ln_1, b.ln_2)] + [prior.ln_f]
@@ -396,10 +421,11 @@ class IntegerTransformerPrior(IntegerPrior):
             mult, shift = fp.multiplier(score_scale, 2 * hs * A * A)
             blk.score_mult.fill_(mult)
             blk.score_shift.fill_(shift)
-        head = nn.Linear(C, cfg.codebook_size, bias=False).to(prior.device)
+        tokens = prior.tok_emb.weight.shape[0]  # S * K
+        head = nn.Linear(C, tokens, bias=False).to(prior.device)
         head.weight.copy_(prior.tok_emb.weight)
         w, b = _fold(prior.ln_f, head)
-        model.head.set_weights(w, b, s_ln, torch.full((cfg.codebook_size,), math.log(2) / 2**fp.LOG2_FRAC,
+        model.head.set_weights(w, b, s_ln, torch.full((tokens,), math.log(2) / 2**fp.LOG2_FRAC,
                                                       dtype=torch.float64), weight_bits)
         return model
 
@@ -423,7 +449,7 @@ def _transformer_ranges(prior: TransformerPrior, codes: Tensor, cond: Tensor | N
         z = codes[i:i + batch_size]
         c = None if cond is None else cond[i:i + batch_size]
         B, L = z.shape
-        x = torch.cat([prior._start_tokens(B, c)[:, None], prior.tok_emb(z[:, :-1])], 1)
+        x = torch.cat([prior._start_tokens(B, c)[:, None], prior.tok_emb(prior._tokens(z)[:, :-1])], 1)
         if c is not None:
             x = x + prior.start_emb(c)[:, None]
         x = x + prior._pos_emb(L)

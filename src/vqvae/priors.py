@@ -12,6 +12,18 @@ Both priors share one interface (the `Prior` base class):
     start(batch, cond) -> DecodeState;  step(state, prev_codes) -> (logits (B, K), state)
 The step API decodes one position at a time; the transformer keeps a key/value cache so the prefix is
 never recomputed. The entropy coder drives it on both sides: see `Prior.step` for the contract.
+
+Residual-VQ codes (S stages, codes (B, S, H, W), `PriorConfig.stages` = S, transformer only) are one
+sequence of S * L tokens in stage-major order: the whole stage-0 grid in raster order, then stage 1, ...
+Why this order and not the S codes of a position next to each other: the first s stages of the codes are
+then the first s * L tokens, so one prior gives the exact likelihood of every stage prefix, which is what
+compressing with the first s stages (s operating points of one model) and sampling with fewer stages
+need; with stages interleaved by position, the stage-0 code of a position would be predicted from later
+stages of earlier positions, which a file of fewer stages does not hold. The context is also the more
+useful one: a stage-s code sees the whole coarser grids, its neighbours' coarser codes on every side
+included. Each position has its own vocabulary: the token of stage s is code + s * K in a table of S * K
+embeddings, a stage embedding joins the row and column ones, and the logits of a stage-s position are the
+K of its stage (the tied head's slice), so probabilities never go to another stage's codes.
 """
 
 from __future__ import annotations
@@ -92,8 +104,10 @@ class Prior(nn.Module):
     def __init__(self, cfg: PriorConfig):
         super().__init__()
         self.cfg = cfg
-        self.seq_len = math.prod(cfg.grid)  # L
+        self.grid_len = math.prod(cfg.grid)  # L: positions of one grid
+        self.seq_len = self.grid_len * max(cfg.stages, 1)  # tokens: L, or S * L with residual-VQ stages
         self.hw = (1, cfg.grid[0]) if len(cfg.grid) == 1 else cfg.grid  # (H, W)
+        self.code_shape = (cfg.stages, *cfg.grid) if cfg.stages else cfg.grid  # one image's codes
 
     # --- arch-specific ---------------------------------------------------------------------------
     def logits(self, codes: Tensor, cond: Tensor | None = None) -> Tensor:
@@ -124,8 +138,8 @@ class Prior(nn.Module):
         return next(self.parameters()).device
 
     def _check_codes(self, codes: Tensor) -> None:
-        if codes.dtype != torch.long or tuple(codes.shape[1:]) != self.cfg.grid:
-            raise ValueError(f"codes must be int64 of shape (B, {', '.join(map(str, self.cfg.grid))}), "
+        if codes.dtype != torch.long or tuple(codes.shape[1:]) != self.code_shape:
+            raise ValueError(f"codes must be int64 of shape (B, {', '.join(map(str, self.code_shape))}), "
                              f"got {codes.dtype} {tuple(codes.shape)}")
 
     def _check_cond(self, cond: Tensor | None, batch: int) -> Tensor | None:
@@ -167,7 +181,8 @@ class Prior(nn.Module):
     @torch.no_grad()
     def sample(self, n: int, cond: Tensor | None = None, temperature: float = 1.0, top_k: int | None = None,
                generator: torch.Generator | None = None) -> Tensor:
-        """Draw `n` code grids -> (n, *grid) int64, one position at a time through `start`/`step`.
+        """Draw `n` code grids -> (n, *grid) int64 ((n, S, *grid) with stages), one position at a time
+        through `start`/`step`.
 
         cond: (n,) int64 labels (class-conditional priors) or None. temperature 0 is greedy, top_k keeps
         the k most likely codes; `generator` (on the prior's device) makes the draw reproducible.
@@ -181,7 +196,7 @@ class Prior(nn.Module):
                 logits, state = self.step(state, prev)  # (B, K)
                 prev = sample_from_logits(logits, temperature, top_k, generator)  # (B,)
                 codes[:, t] = prev
-        return codes.view(n, *self.cfg.grid)
+        return codes.view(n, *self.code_shape)
 
     def save_pretrained(self, directory: str | Path) -> None:
         """Write `config.json` (the PriorConfig) and `model.safetensors`, each atomically."""
@@ -270,13 +285,17 @@ class TransformerPrior(Prior):
     A class-conditional prior also adds the class embedding to every position's input: conditioning
     through the start token alone is learned too slowly for a few minutes of training.
     Positions are embedded as row + column embeddings (1-D grids: one position embedding). The output
-    head shares its weights with the code embedding (tied, as in nanoGPT).
+    head shares its weights with the code embedding (tied, as in nanoGPT). With `cfg.stages` = S the
+    sequence is the S grids one after the other (the module docstring says why): S * K token embeddings
+    (stage s's code k is token s * K + k), a stage embedding, and the logits of a position are the K of
+    its stage.
     """
 
     def __init__(self, cfg: PriorConfig):
         super().__init__(cfg)
         C = cfg.n_embd
-        self.tok_emb = nn.Embedding(cfg.codebook_size, C)  # also the output head
+        self.tok_emb = nn.Embedding(max(cfg.stages, 1) * cfg.codebook_size, C)  # also the output head
+        self.stage_emb = nn.Embedding(cfg.stages, C) if cfg.stages else None
         self.start_emb = nn.Embedding(max(cfg.num_classes, 1), C)
         self.row_emb = nn.Embedding(self.hw[0], C) if len(cfg.grid) == 2 else None
         self.col_emb = nn.Embedding(self.hw[1], C)
@@ -296,11 +315,29 @@ class TransformerPrior(Prior):
             nn.init.zeros_(module.bias)
 
     def _pos_emb(self, T: int) -> Tensor:
-        """Embeddings of positions 0..T-1 -> (T, C)."""
+        """Embeddings of sequence positions 0..T-1 -> (T, C): row + column (+ stage)."""
         t = torch.arange(T, device=self.col_emb.weight.device)
-        W = self.hw[1]
-        emb = self.col_emb(t % W)
-        return emb if self.row_emb is None else emb + self.row_emb(t // W)
+        p, W = t % self.grid_len, self.hw[1]
+        emb = self.col_emb(p % W)
+        if self.stage_emb is not None:
+            emb = emb + self.stage_emb(t // self.grid_len)
+        return emb if self.row_emb is None else emb + self.row_emb(p // W)
+
+    def _tokens(self, codes: Tensor) -> Tensor:
+        """Flat codes (B, T) -> tokens (B, T): code + s * K at the positions of stage s."""
+        if self.stage_emb is None:
+            return codes
+        stage = torch.arange(codes.size(1), device=codes.device) // self.grid_len
+        return codes + stage * self.cfg.codebook_size
+
+    def _head(self, x: Tensor) -> Tensor:
+        """Final hidden states (B, T, C) of positions 0..T-1 -> logits (B, T, K), each of its stage's K."""
+        out = F.linear(self.ln_f(x), self.tok_emb.weight)  # (B, T, S * K)
+        if self.stage_emb is None:
+            return out
+        T = x.size(1)
+        t = torch.arange(T, device=x.device)
+        return out.view(x.size(0), T, -1, self.cfg.codebook_size)[:, t, t // self.grid_len]  # (B, T, K)
 
     def _start_tokens(self, batch: int, cond: Tensor | None) -> Tensor:
         """The position-0 input of each sequence -> (B, C)."""
@@ -309,7 +346,8 @@ class TransformerPrior(Prior):
         return self.start_emb(cond)
 
     def forward(self, codes: Tensor, cond: Tensor | None = None) -> Tensor:
-        """codes (B, T) int64 raster-ordered, 1 <= T <= L -> logits (B, T, K) for positions 0..T-1.
+        """codes (B, T) int64 raster-ordered (stage-major with stages), 1 <= T <= L -> logits (B, T, K)
+        for positions 0..T-1.
 
         logits[:, t] predicts codes[:, t] from codes[:, :t]; the last code is never read, so a prefix
         plus any placeholder gives the logits of the next position (the uncached sampling baseline).
@@ -317,18 +355,19 @@ class TransformerPrior(Prior):
         B, T = codes.shape
         assert 1 <= T <= self.seq_len, f"sequence length {T} not in [1, {self.seq_len}]"
         cond = self._check_cond(cond, B)
-        x = torch.cat([self._start_tokens(B, cond)[:, None], self.tok_emb(codes[:, :-1])], dim=1)  # (B, T, C)
+        tokens = self._tokens(codes)
+        x = torch.cat([self._start_tokens(B, cond)[:, None], self.tok_emb(tokens[:, :-1])], dim=1)  # (B, T, C)
         if cond is not None:  # the class at every position, not only through the start token's attention
             x = x + self.start_emb(cond)[:, None]
         x = self.drop(x + self._pos_emb(T))
         for block in self.blocks:
             x = block(x)
-        return F.linear(self.ln_f(x), self.tok_emb.weight)  # (B, T, K)
+        return self._head(x)  # (B, T, K)
 
     def logits(self, codes: Tensor, cond: Tensor | None = None) -> Tensor:
         self._check_codes(codes)
         out = self(codes.flatten(1), cond)  # (B, L, K)
-        return rearrange(out, "b l k -> b k l").reshape(codes.size(0), -1, *self.cfg.grid)
+        return rearrange(out, "b l k -> b k l").reshape(codes.size(0), -1, *self.code_shape)
 
     @torch.no_grad()
     def start(self, batch: int, cond: Tensor | None = None) -> DecodeState:
@@ -341,15 +380,22 @@ class TransformerPrior(Prior):
     def step(self, state: DecodeState, prev_codes: Tensor | None) -> tuple[Tensor, DecodeState]:
         self._advance(state, prev_codes)
         t, batch = state.pos, state.buffer.size(2)
-        x = self._start_tokens(batch, state.cond) if t == 0 else self.tok_emb(prev_codes)  # (B, C)
+        K, stage = self.cfg.codebook_size, t // self.grid_len
+        if t == 0:
+            x = self._start_tokens(batch, state.cond)  # (B, C)
+        else:  # the previous position's code, as a token of its stage
+            x = self.tok_emb(prev_codes + (t - 1) // self.grid_len * K if self.stage_emb is not None else prev_codes)
         if state.cond is not None:
             x = x + self.start_emb(state.cond)
-        W = self.hw[1]
-        pos = self.col_emb.weight[t % W] + (0 if self.row_emb is None else self.row_emb.weight[t // W])
+        p, W = t % self.grid_len, self.hw[1]
+        pos = self.col_emb.weight[p % W] + (0 if self.row_emb is None else self.row_emb.weight[p // W])
+        if self.stage_emb is not None:
+            pos = pos + self.stage_emb.weight[stage]
         x = (x + pos)[:, None]  # (B, 1, C)
         for i, block in enumerate(self.blocks):
             x = block(x, state.buffer[i], t)
-        logits = F.linear(self.ln_f(x[:, 0]), self.tok_emb.weight)  # (B, K)
+        weight = self.tok_emb.weight if self.stage_emb is None else self.tok_emb.weight[stage * K:(stage + 1) * K]
+        logits = F.linear(self.ln_f(x[:, 0]), weight)  # (B, K)
         state.pos += 1
         return logits.float(), state
 

@@ -318,9 +318,9 @@ class Run:
                 if name == "train" or prior.cfg.num_classes:
                     raise RunError(f"{path}: missing or unreadable; rerun `vqvae prior {self.path} --force`") from None
         codes = arrays["train"]
-        if tuple(codes.shape[1:]) != prior.cfg.grid:
+        if tuple(codes.shape[1:]) != prior.code_shape:
             raise RunError(f"{self.codes_dir / 'train.npy'}: code grids of shape {tuple(codes.shape[1:])}, the prior "
-                           f"models {prior.cfg.grid}; rerun `vqvae prior {self.path} --force`")
+                           f"models {prior.code_shape}; rerun `vqvae prior {self.path} --force`")
         labels = arrays.get("train_labels") if prior.cfg.num_classes else None
         integer = IntegerPrior.from_prior(prior, codes, labels)
         integer.save_pretrained(self.integer_prior_dir)
@@ -394,8 +394,9 @@ class Run:
         return torch.bincount(torch.from_numpy(codes.astype(np.int64)).flatten(), minlength=K)
 
     # -- compression ---------------------------------------------------------------------------------
-    def compress(self, images: list[torch.Tensor], coder: str = "range") -> tuple[bytes, dict]:
-        """Images (C, H, W) in [0, 1], any sizes -> (bytes of one .vqz file, stats); see `codec.compress`."""
+    def compress(self, images: list[torch.Tensor], coder: str = "range", stages: int | None = None) -> tuple[bytes, dict]:
+        """Images (C, H, W) in [0, 1], any sizes -> (bytes of one .vqz file, stats); see `codec.compress`.
+        `stages` (residual-VQ runs): code the first s stages only (default all), an operating point."""
         from . import codec
         from .errors import ConfigError
 
@@ -403,8 +404,8 @@ class Run:
             raise ConfigError(f"coder must be 'range' or 'huffman', got {coder!r}")
         model = self.model()
         if coder == "range":  # labels (class-conditional priors) are chosen with the float prior: faster
-            return codec.compress(model, self.integer_prior(), images, label_prior=self.prior())
-        return codec.compress(model, None, images, coder="huffman", code_counts=self.code_counts())
+            return codec.compress(model, self.integer_prior(), images, label_prior=self.prior(), stages=stages)
+        return codec.compress(model, None, images, coder="huffman", code_counts=self.code_counts(), stages=stages)
 
     def decompress(self, data: bytes, max_pixels: int | None = None) -> list[torch.Tensor]:
         """The images of a .vqz file made with this run, at their sizes; the file says which prior it needs.

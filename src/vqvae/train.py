@@ -638,7 +638,9 @@ def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConf
     else:
         if (out_dir / STATE_NAME).exists() and not force:
             raise RunError(f"{out_dir}: already holds a prior; pass --resume to continue it or --force to replace it")
-        cfg = PriorConfig(codebook_size=model.cfg.quantizer.codebook_size, grid=tuple(codes["train"].shape[1:]),
+        stages = model.code_stages  # residual VQ: codes (N, S, *grid), all S stages in one prior
+        cfg = PriorConfig(codebook_size=model.cfg.quantizer.codebook_size,
+                          grid=tuple(codes["train"].shape[1 + bool(stages):]), stages=stages,
                           num_classes=num_classes, **prior_cfg_overrides)
         torch.manual_seed(train_cfg.seed)
         prior = build_prior(cfg).to(device)

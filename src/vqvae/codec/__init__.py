@@ -12,7 +12,9 @@ training-set code counts (the baseline; the prior is not used).
 `compress` writes format version 2: the range coder's frequencies come from an integer prior
 (`vqvae.integer_priors.IntegerPrior`), exact on every machine, and the header records its `format_id`
 (`header.integer_model`). Version-1 files, coded with a float prior, still decode with that float
-prior (`header.version == 1`). docs/format.md has the byte layout.
+prior (`header.version == 1`). Residual-VQ models write version 3, which records the stages coded
+(`compress(..., stages=s)`: the first s stages, an operating point; `header.stages`). FSQ and dVAE
+models write version 2 like the VQ-VAE. docs/format.md has the byte layout.
 
 The package, one concept a module:
     container.py  the bytes: header fields, varints, CRC32 (fingerprints: `pretrained.fingerprint`)

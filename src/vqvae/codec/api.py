@@ -21,21 +21,24 @@ from ..nets import eval_mode
 from ..pretrained import fingerprint
 from ..priors import Prior
 from . import entropy, huffman
-from .container import (CODERS, CRC_BYTES, MAX_IMAGES, MAX_INTEGER_MODEL, MAX_PIXELS, MAX_SIDE, VERSION, Header,
-                        counts_fingerprint, parse, seal)
+from .container import (CODERS, CRC_BYTES, MAX_IMAGES, MAX_INTEGER_MODEL, MAX_PIXELS, MAX_SIDE, STAGES_VERSION,
+                        VERSION, Header, counts_fingerprint, parse, seal)
 
 # ------------------------------------------------------------------------------------------------
 # The autoencoder
 # ------------------------------------------------------------------------------------------------
 
 
-def encode_image(model: VQVAE, x: Tensor) -> Tensor:
-    """One image (C, H, W) in [0, 1], any size -> its codes (h, w) int64 on the CPU (a batch of one)."""
-    return model.encode(x.to(model.device, torch.float32)[None]).codes[0].cpu()
+def encode_image(model: VQVAE, x: Tensor, stages: int = 0) -> Tensor:
+    """One image (C, H, W) in [0, 1], any size -> its codes (h, w) int64 on the CPU (a batch of one);
+    with residual VQ, those of the first `stages` stages (s, h, w)."""
+    codes = model.encode(x.to(model.device, torch.float32)[None]).codes[0].cpu()
+    return codes[:stages] if stages else codes
 
 
 def decode_image(model: VQVAE, codes: Tensor, size: tuple[int, int]) -> Tensor:
-    """Codes (h, w) -> the image (C, H, W) in [0, 1] at size (H, W), on the model's device (a batch of one)."""
+    """Codes (h, w) (residual VQ: (s, h, w), the first s stages) -> the image (C, H, W) in [0, 1] at size
+    (H, W), on the model's device (a batch of one)."""
     return model.decode(codes[None].to(model.device), size)[0]
 
 
@@ -50,6 +53,9 @@ def latent_shape(shape: tuple[int, int, int], factor: int) -> tuple[int, int]:
 
 
 def _check_model(model: VQVAE) -> None:
+    if not isinstance(model, VQVAE):
+        raise CodecError(f".vqz files hold the codes of one grid per image (VQVAE with vq, ema, fsq or rvq "
+                         f"quantizers, DVAE), not of a {type(model).__name__}")
     if model.cfg.dims != 2:
         raise CodecError(f".vqz files hold images: the model must be 2-D (dims=2), got dims={model.cfg.dims}")
 
@@ -69,6 +75,21 @@ def _check_prior(model: VQVAE, prior: Prior | IntegerPrior) -> None:
         raise CodecError(f"the prior models {prior.cfg.codebook_size} codes but the model's codebook has {K}")
     if len(prior.cfg.grid) != 2:
         raise CodecError(f"images need a prior over 2-D code grids, got grid={prior.cfg.grid}")
+    if prior.cfg.stages != model.code_stages:
+        raise CodecError(f"the prior models {prior.cfg.stages} residual-VQ stages, the model's codes have "
+                         f"{model.code_stages}")
+
+
+def _check_stages(model: VQVAE, stages: int | None) -> int:
+    """The stages to code: all of the model's by default; 0 for a model without stages."""
+    Q = model.code_stages
+    if stages is None:
+        return Q
+    if Q == 0:
+        raise CodecError(f"stages apply to residual-VQ models only; this model's codes have no stages, got {stages}")
+    if isinstance(stages, bool) or not isinstance(stages, int) or not 1 <= stages <= Q:
+        raise CodecError(f"stages must be an integer in 1..{Q} (the model's residual-VQ stages), got {stages!r}")
+    return stages
 
 
 def _check_counts(model: VQVAE, code_counts) -> np.ndarray:
@@ -154,8 +175,9 @@ def _check_labels(labels, prior, coder: str, n: int) -> np.ndarray | None:
 
 @torch.no_grad()
 def compress(model: VQVAE, prior: IntegerPrior | None, images: list[Tensor], coder: str = "range",
-             code_counts: Tensor | None = None, labels=None, label_prior: Prior | None = None) -> tuple[bytes, dict]:
-    """Compress images into the bytes of one `.vqz` file (format version 2).
+             code_counts: Tensor | None = None, labels=None, label_prior: Prior | None = None,
+             stages: int | None = None) -> tuple[bytes, dict]:
+    """Compress images into the bytes of one `.vqz` file (format version 2; 3 for residual-VQ codes).
 
     images: float (C, H, W) tensors in [0, 1], any sizes, C = model.cfg.in_channels; each is encoded on
     its own (batch of one). coder "range" codes with `prior`, an integer prior (`IntegerPrior`: the same
@@ -168,25 +190,32 @@ def compress(model: VQVAE, prior: IntegerPrior | None, images: list[Tensor], cod
     header_bytes, payload_bytes, crc_bytes, num_images, bits_per_image (whole file), cross_entropy_bits
     (sum of -log2 p(code) under the exact integer probabilities the coder uses: the integer prior's,
     or the smoothed code counts), overhead (bytes - cross_entropy_bits / 8), payload_overhead (the
-    same for the payload alone), coder, labels (list or None) and codes (list of (h, w) int64 code grids).
+    same for the payload alone), coder, labels (list or None), stages and codes (list of (h, w) int64
+    code grids; (s, h, w) with residual VQ).
+
+    stages (residual-VQ models only): code the first s stages of each position (default: all), an
+    operating point of the model, recorded in the header; `decompress` decodes with those s stages. The
+    prior models all stages (`prior.cfg.stages` = the model's): the first s are a prefix of its sequence.
     """
     if coder not in CODERS:
         raise CodecError(f"unknown coder {coder!r}; expected one of {', '.join(CODERS)}")
     _check_model(model)
     shapes = _check_images(model, images)
+    stages = _check_stages(model, stages)
     if coder == "range":
         _check_integer_prior(model, prior)
     else:
         counts = _check_counts(model, code_counts)
     labels = _check_labels(labels, prior, coder, len(images))
     with eval_mode(model, prior):
-        codes = [encode_image(model, x) for x in images]  # (h, w) each
+        codes = [encode_image(model, x, stages) for x in images]  # (h, w) each, ([s,] h, w) with stages
         for i, (c, shape) in enumerate(zip(codes, shapes)):
-            assert tuple(c.shape) == latent_shape(shape, model.cfg.downsample), (i, tuple(c.shape), shape)
+            expected = (stages,) * bool(stages) + latent_shape(shape, model.cfg.downsample)
+            assert tuple(c.shape) == expected, (i, tuple(c.shape), shape)
         flat = np.concatenate([c.reshape(-1).numpy() for c in codes]).astype(np.int64)  # (N,)
         if coder == "range":
             source = entropy.IntegerPriorFrequencies(prior)
-            layout = entropy.make_layout([tuple(c.shape) for c in codes], source.hw)
+            layout = entropy.make_layout([tuple(c.shape[-2:]) for c in codes], source.hw, max(stages, 1))
             if prior.cfg.num_classes > 0 and labels is None and label_prior is not None:
                 labels = entropy.best_labels_full_pass(label_prior, layout, flat, len(images))
             elif prior.cfg.num_classes > 0 and labels is None:
@@ -197,8 +226,8 @@ def compress(model: VQVAE, prior: IntegerPrior | None, images: list[Tensor], cod
             payload, bits = huffman.encode(counts, flat)
             second_fingerprint = counts_fingerprint(counts)
     header = Header(coder, fingerprint(model), second_fingerprint, tuple(shapes),
-                    None if labels is None else tuple(int(label) for label in labels), VERSION,
-                    prior.format_id if coder == "range" else 0)
+                    None if labels is None else tuple(int(label) for label in labels),
+                    STAGES_VERSION if stages else VERSION, prior.format_id if coder == "range" else 0, stages)
     data = seal(header, payload)
     stats = {
         "bytes": len(data),
@@ -212,6 +241,7 @@ def compress(model: VQVAE, prior: IntegerPrior | None, images: list[Tensor], cod
         "payload_overhead": len(payload) - bits / 8,
         "coder": coder,
         "labels": None if header.labels is None else list(header.labels),
+        "stages": stages,
         "codes": codes,
     }
     return data, stats
@@ -220,7 +250,8 @@ def compress(model: VQVAE, prior: IntegerPrior | None, images: list[Tensor], cod
 @torch.no_grad()
 def decompress_codes(model: VQVAE, prior: IntegerPrior | Prior | None, data: bytes,
                      code_counts: Tensor | None = None) -> list[Tensor]:
-    """The code grids of a `.vqz` file's images: (h, w) int64 on the CPU, what `compress` coded.
+    """The code grids of a `.vqz` file's images: (h, w) int64 on the CPU ((s, h, w), the stages coded, for
+    residual-VQ files), what `compress` coded.
 
     Same arguments and checks as `decompress`, without running the autoencoder's decoder.
     """
@@ -250,11 +281,19 @@ def _decode_codes(model: VQVAE, prior, data: bytes, code_counts) -> tuple[Header
     for i, shape in enumerate(header.shapes):
         if shape[0] != model.cfg.in_channels:
             raise CodecError(f"image {i} has {shape[0]} channels, the model makes {model.cfg.in_channels}")
+    if header.stages > model.code_stages:
+        raise CodecError(f"this .vqz file holds {header.stages} residual-VQ stages per position, the model's codes "
+                         f"have {model.code_stages}" if model.code_stages else
+                         f"this .vqz file holds residual-VQ codes ({header.stages} stages), the model has no stages")
+    if model.code_stages and not header.stages:
+        raise CodecError("this .vqz file holds codes of one grid per image, the model's are residual-VQ stages")
     latent_shapes = [latent_shape(shape, model.cfg.downsample) for shape in header.shapes]
+    per_image = max(header.stages, 1)  # code grids per image
     with eval_mode(model, prior):
         if header.coder == "range":
             _check_range_prior(model, prior, header)
-            _check_payload_length(header, payload, sum(h * w for h, w in latent_shapes), prior.cfg.codebook_size)
+            _check_payload_length(header, payload, per_image * sum(h * w for h, w in latent_shapes),
+                                  prior.cfg.codebook_size)
             if header.prior_fingerprint != fingerprint(prior):
                 raise CodecError(f"this .vqz file was made with another prior (fingerprint "
                                  f"{header.prior_fingerprint.hex()}, the given prior's is {fingerprint(prior).hex()})")
@@ -264,16 +303,18 @@ def _decode_codes(model: VQVAE, prior, data: bytes, code_counts) -> tuple[Header
                                  f"num_classes={num_classes}")
             labels = None if header.labels is None else np.array(header.labels, dtype=np.int64)
             source = entropy.frequency_source(prior)
-            flat = entropy.range_decode(source, entropy.make_layout(latent_shapes, source.hw), labels, payload)
+            flat = entropy.range_decode(source, entropy.make_layout(latent_shapes, source.hw, per_image), labels,
+                                        payload)
         else:
             counts = _check_counts(model, code_counts)
             if header.prior_fingerprint != counts_fingerprint(counts):
                 raise CodecError(f"this .vqz file was Huffman-coded with other code counts (fingerprint "
                                  f"{header.prior_fingerprint.hex()}, the given counts' is "
                                  f"{counts_fingerprint(counts).hex()})")
-            flat = huffman.decode(counts, payload, sum(h * w for h, w in latent_shapes))
-    ends = np.cumsum([h * w for h, w in latent_shapes])
-    grids = [torch.from_numpy(part.reshape(shape)) for part, shape in zip(np.split(flat, ends[:-1]), latent_shapes)]
+            flat = huffman.decode(counts, payload, per_image * sum(h * w for h, w in latent_shapes))
+    shapes = [(header.stages,) * bool(header.stages) + shape for shape in latent_shapes]  # ([s,] h, w)
+    ends = np.cumsum([math.prod(shape) for shape in shapes])
+    grids = [torch.from_numpy(part.reshape(shape)) for part, shape in zip(np.split(flat, ends[:-1]), shapes)]
     return header, grids
 
 

@@ -19,8 +19,9 @@ import numpy as np
 from ..errors import CodecError
 
 MAGIC = b"VQZ"
-VERSION = 2  # the version `compress` writes
-VERSIONS = (1, 2)  # the versions `parse` reads
+VERSION = 2  # the version `compress` writes for codes of one grid per image
+STAGES_VERSION = 3  # ... and for residual-VQ codes: version 2 plus the number of stages coded
+VERSIONS = (1, 2, 3)  # the versions `parse` reads
 FINGERPRINT_BYTES = 2  # with the payload check, enough to refuse another model's file
 CRC_BYTES = 4
 CODERS = ("range", "huffman")  # version 1: the flags' low nibble is the index into this
@@ -28,7 +29,7 @@ CODERS = ("range", "huffman")  # version 1: the flags' low nibble is the index i
 # 0 for the Huffman code, else the format_id of the integer prior that drove the range coder.
 FLAG_UNIFORM, FLAG_LABELS, MODEL_MASK = 0x10, 0x20, 0x0F
 MAX_INTEGER_MODEL = MODEL_MASK
-MAX_IMAGES, MAX_SIDE, MAX_PIXELS, MAX_LABEL = 1 << 20, 1 << 16, 1 << 28, 1 << 16
+MAX_IMAGES, MAX_SIDE, MAX_PIXELS, MAX_LABEL, MAX_STAGES = 1 << 20, 1 << 16, 1 << 28, 1 << 16, 64
 MIN_FILE_BYTES = len(MAGIC) + 1 + 2 * FINGERPRINT_BYTES + 1 + 1 + 3 + CRC_BYTES  # empty payload: 17
 
 
@@ -40,8 +41,10 @@ class Header:
     `fingerprint(prior)` for the range coder, `counts_fingerprint(counts)` for Huffman.
     shapes: (C, H, W) of each image, in file order. labels: the class each image was coded with
     (class-conditional priors), else None. version: the format version (1: range coder driven by a
-    float prior; 2: by an integer prior). integer_model: for version-2 range-coded files the
-    `format_id` of the integer prior (1 integer transformer, 2 integer PixelCNN), else 0.
+    float prior; 2: by an integer prior; 3: as 2, for residual-VQ codes). integer_model: for version-2
+    and -3 range-coded files the `format_id` of the integer prior (1 integer transformer, 2 integer
+    PixelCNN), else 0. stages: version 3, the residual-VQ stages coded per position (the first `stages`
+    of the model's; decoded with those), else 0 (one code grid per image).
     header_bytes / payload_bytes: sizes in the file read (0 for a header built in memory).
     """
 
@@ -52,6 +55,7 @@ class Header:
     labels: tuple[int, ...] | None = None
     version: int = VERSION
     integer_model: int = 0
+    stages: int = 0
     header_bytes: int = field(default=0, compare=False)
     payload_bytes: int = field(default=0, compare=False)
 
@@ -60,8 +64,9 @@ class Header:
         return len(self.shapes)
 
     def to_bytes(self) -> bytes:
-        """The header's bytes: magic, version, fingerprints, flags, count, shapes, labels."""
+        """The header's bytes: magic, version, fingerprints, flags, (version 3: stages,) count, shapes, labels."""
         assert self.coder in CODERS and self.shapes and self.version in VERSIONS, (self.coder, self.version)
+        assert (self.version == STAGES_VERSION) == (self.stages > 0) and self.stages <= MAX_STAGES, self.stages
         assert len(self.model_fingerprint) == len(self.prior_fingerprint) == FINGERPRINT_BYTES
         assert self.labels is None or len(self.labels) == len(self.shapes)
         if self.version == 1:
@@ -76,6 +81,8 @@ class Header:
         flags |= 0 if self.labels is None else FLAG_LABELS
         out = bytearray(MAGIC + bytes([self.version]) + self.model_fingerprint + self.prior_fingerprint)
         out.append(flags)
+        if self.stages:
+            _put_varint(out, self.stages)
         _put_varint(out, len(self.shapes))
         for shape in self.shapes[:1] if uniform else self.shapes:
             for value in shape:
@@ -131,7 +138,7 @@ class _Reader:
 def _check_version(version: int) -> None:
     if version not in VERSIONS:
         newer = " (made by a newer vqvae: upgrade to read it)" if version > max(VERSIONS) else ""
-        known = " and ".join(map(str, VERSIONS))
+        known = ", ".join(map(str, VERSIONS[:-1])) + f" and {VERSIONS[-1]}"
         raise CodecError(f"unsupported .vqz version {version}{newer}; this vqvae reads versions {known}")
 
 
@@ -165,6 +172,7 @@ def parse(data: bytes) -> tuple[Header, bytes]:
         coder, integer_model = CODERS[model], 0
     else:
         coder, integer_model = ("range", model) if model else ("huffman", 0)
+    stages = reader.varint("stages", 1, MAX_STAGES) if version == STAGES_VERSION else 0
     n = reader.varint("image count", 1, MAX_IMAGES)
     shapes = []
     for i in range(1 if flags & FLAG_UNIFORM else n):
@@ -177,7 +185,7 @@ def parse(data: bytes) -> tuple[Header, bytes]:
     if sum(math.prod(s) for s in shapes) > MAX_PIXELS:
         raise CodecError(f"corrupted .vqz header: more than {MAX_PIXELS} pixels in all")
     labels = tuple(reader.varint(f"image {i} label", 0, MAX_LABEL) for i in range(n)) if flags & FLAG_LABELS else None
-    header = Header(coder, model_fp, prior_fp, tuple(shapes), labels, version, integer_model,
+    header = Header(coder, model_fp, prior_fp, tuple(shapes), labels, version, integer_model, stages,
                     header_bytes=reader.pos, payload_bytes=len(body) - reader.pos)
     return header, body[reader.pos :]
 

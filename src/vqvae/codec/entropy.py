@@ -23,6 +23,11 @@ Latent grids other than the prior's grid are cut into tiles of the prior's grid 
 one sequence); positions of a tile that fall outside the latent grid (filler) are not coded: both sides
 feed the prior the code of the nearest position inside (edge replication), which always lies earlier in
 the same tile. A 28x28 image with a 7x7 prior at downsample 4 is exactly one tile.
+
+Residual-VQ codes (s stages coded of the prior's S): an image's codes are (s, h, w), flat in that order;
+a tile's sequence is its s grids one after the other (the prior's stage-major order), s * gh * gw
+positions, the first s * L of the prior's S * L: a prefix, so fewer stages than the prior models need no
+other prior. Filler copies the nearest position inside the grid at the same stage.
 """
 
 from __future__ import annotations
@@ -137,7 +142,8 @@ class Layout:
     """Every sequence coded (one tile of one image's latent grid) and where its codes live.
 
     The latents of all images are concatenated into one flat array (image after image, raster order).
-    index (S, L): the flat position whose code the sequence holds at each of its L positions;
+    index (S, L): the flat position whose code the sequence holds at each of its L positions (L = s * gh
+    * gw with s stages: the prefix of the prior's sequence that is coded);
     coded (S, L): True inside the latent grid (entropy-coded), False for filler (a copy of index);
     owner (S,): the image of each sequence; total: N, the number of codes.
     """
@@ -148,20 +154,24 @@ class Layout:
     total: int
 
 
-def make_layout(latent_shapes: list[tuple[int, int]], grid: tuple[int, int]) -> Layout:
-    """The tiles of each (h, w) latent grid, in file order then raster order of tiles."""
+def make_layout(latent_shapes: list[tuple[int, int]], grid: tuple[int, int], stages: int = 1) -> Layout:
+    """The tiles of each (h, w) latent grid, in file order then raster order of tiles; with `stages` s,
+    each image holds s grids (s, h, w) and each tile sequence their s tiles, stage after stage."""
     gh, gw = grid
-    rows, cols = np.arange(gh)[:, None], np.arange(gw)[None, :]
+    rows, cols = np.arange(gh)[None, :, None], np.arange(gw)[None, None, :]  # (1, gh, 1), (1, 1, gw)
+    stage = np.arange(stages)[:, None, None]  # (s, 1, 1)
     index, coded, owner, offset = [], [], [], 0
     for image, (h, w) in enumerate(latent_shapes):
         for top in range(0, h, gh):
             for left in range(0, w, gw):
-                r, c = top + rows, left + cols  # (gh, 1), (1, gw): this tile's positions in the grid
+                r, c = top + rows, left + cols  # this tile's positions in the grid
                 # filler copies the nearest position inside the grid: same row/column or earlier, same tile
-                index.append((offset + np.minimum(r, h - 1) * w + np.minimum(c, w - 1)).reshape(-1))
-                coded.append(((r < h) & (c < w)).reshape(-1))
+                # and stage
+                at = offset + stage * h * w + np.minimum(r, h - 1) * w + np.minimum(c, w - 1)  # (s, gh, gw)
+                index.append(at.reshape(-1))
+                coded.append(np.broadcast_to((r < h) & (c < w), at.shape).reshape(-1))
                 owner.append(image)
-        offset += h * w
+        offset += stages * h * w
     return Layout(np.stack(index), np.stack(coded), np.array(owner, dtype=np.int64), offset)
 
 
@@ -182,7 +192,7 @@ def drive(source: FrequencySource, layout: Layout, labels: np.ndarray | None, fl
         index, coded = layout.index[start : start + CHUNK], layout.coded[start : start + CHUNK]  # (B, L)
         cond = None if labels is None else labels[layout.owner[start : start + CHUNK]]
         state, prev = source.start(len(index), cond), None
-        for t in range(source.seq_len):
+        for t in range(index.shape[1]):  # the sequence's positions: a prefix of the source's with fewer stages
             freqs, state = source.step(state, prev)  # (B, K) int64
             rows = coded[:, t]
             if rows.any():
@@ -202,7 +212,7 @@ def best_labels(source: FrequencySource, layout: Layout, flat: np.ndarray, num_i
         index, coded = layout.index[start : start + group], layout.coded[start : start + group]  # (b, L)
         cond = np.repeat(np.arange(num_classes), len(index))  # (Y * b,) class-major: each class, all b
         state, prev, total = source.start(len(cond), cond), None, np.zeros(len(cond))
-        for t in range(source.seq_len):
+        for t in range(index.shape[1]):
             freqs, state = source.step(state, prev)  # (Y * b, K)
             codes = np.tile(flat[index[:, t]], num_classes)  # (Y * b,)
             cost = PRECISION - np.log2(freqs[np.arange(len(codes)), codes])
@@ -222,8 +232,13 @@ def best_labels_full_pass(prior: Prior, layout: Layout, flat: np.ndarray, num_im
     bits = np.zeros((num_images, Y))
     for start in range(0, len(layout.index), CHUNK):
         index = layout.index[start : start + CHUNK]  # (b, L)
-        grids = torch.from_numpy(flat[index]).to(device).view(len(index), *prior.cfg.grid)  # (b, gh, gw)
-        coded = torch.from_numpy(layout.coded[start : start + CHUNK]).to(device)  # (b, L)
+        # stages the file does not code are zeros: the prior is causal, they change no coded position
+        padded = np.zeros((len(index), prior.seq_len), dtype=np.int64)
+        padded[:, : index.shape[1]] = flat[index]
+        grids = torch.from_numpy(padded).to(device).view(len(index), *prior.code_shape)  # (b, [S,] gh, gw)
+        mask = np.zeros(padded.shape, dtype=bool)
+        mask[:, : index.shape[1]] = layout.coded[start : start + CHUNK]
+        coded = torch.from_numpy(mask).to(device)  # (b, S * L)
         for label in range(Y):
             cond = torch.full((len(index),), label, dtype=torch.long, device=device)
             nll = torch.nn.functional.cross_entropy(prior.logits(grids, cond).float(), grids, reduction="none")
