@@ -1,0 +1,157 @@
+"""The audio package: the speech set (deterministic, cached, held-out speakers apart), sound files and the
+wav: dataset, the STFT loss against a brute-force DFT, the figures against hand computations."""
+
+import numpy as np
+import pytest
+import torch
+
+pytest.importorskip("soundfile", reason="the audio tests need the audio extra: pip install 'vqvae[audio]'")
+pytest.importorskip("espeakng_loader", reason="the audio tests need the audio extra: pip install 'vqvae[audio]'")
+
+import soundfile  # noqa: E402
+
+from vqvae.audio import files, spectral, speech  # noqa: E402
+from vqvae.data import load_dataset  # noqa: E402
+from vqvae.errors import DataError  # noqa: E402
+
+TINY = speech.SPECS["speech:tiny"]
+
+
+@pytest.fixture(scope="module")
+def cache(tmp_path_factory):
+    """A fresh speech cache for this module's tests ($VQVAE_CACHE_DIR)."""
+    path = tmp_path_factory.mktemp("speech_cache")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setenv(speech.CACHE_ENV, str(path))
+        yield path
+
+
+def test_speech_is_identical_on_every_synthesis(cache):
+    first = speech.synthesize(TINY)
+    cached = speech.speech_set(TINY)  # synthesized again, then written
+    again = speech.speech_set(TINY)  # read back
+    assert first.content_hash() == cached.content_hash() == again.content_hash()
+    assert np.array_equal(first.pcm, again.pcm)
+    assert len(list(cache.glob("speech-*.npz"))) == 1
+    assert (first.lengths > 1000).all() and np.abs(first.pcm).max() > 3000  # speech, not silence
+    for i, length in enumerate(first.lengths):  # padded with zeros after the speech
+        assert not first.pcm[i, length:].any()
+
+
+def test_speech_clips_are_labelled_and_held_out_speakers_never_train(cache):
+    s = speech.speech_set(TINY)
+    assert len(s.pcm) == len(TINY.speakers()) * 10 * TINY.takes
+    train_speakers, test_speakers = set(s.speakers[~s.held_out]), set(s.speakers[s.held_out])
+    assert test_speakers and train_speakers and not train_speakers & test_speakers
+    for speaker in set(s.speakers):  # every speaker says every digit
+        assert sorted(s.digits[s.speakers == speaker]) == sorted(list(range(10)) * TINY.takes)
+    data = load_dataset("speech:tiny")
+    assert data.train.shape == (int((~s.held_out).sum()), 1, speech.CLIP_SAMPLES)
+    assert data.num_classes == 10 and data.test_labels.tolist() == s.digits[s.held_out].tolist()
+    assert 0 <= data.train.min() and data.train.max() <= 1
+    # the models' range maps back to the cached 16-bit samples exactly
+    assert np.array_equal(files.to_pcm16(files.from_unit(data.test[:, 0])), s.pcm[s.held_out])
+
+
+def test_the_full_spec_holds_2000_clips_and_held_out_speakers():
+    clips = speech.SPECS["speech"].clips()
+    assert len(clips) >= 2000
+    held = {c["speaker"] for c in clips if c["held_out"]}
+    assert held and held.isdisjoint(c["speaker"] for c in clips if not c["held_out"])
+    assert len({(c["speed"], c["pitch"]) for c in clips}) > 500  # speed and pitch vary
+
+
+def test_a_damaged_cache_is_synthesized_again(cache):
+    good = speech.speech_set(TINY).content_hash()
+    path = next(cache.glob("speech-*.npz"))
+    path.write_bytes(path.read_bytes()[:1000])
+    assert speech.speech_set(TINY).content_hash() == good
+    assert path.stat().st_size > 1000
+
+
+def _sine(freq, rate, seconds, channels=1):
+    t = np.arange(int(rate * seconds)) / rate
+    wave = 0.5 * np.sin(2 * np.pi * freq * t)
+    return np.stack([wave] * channels, axis=1) if channels > 1 else wave
+
+
+def test_sound_files_at_any_rate_are_resampled_to_16k_mono(tmp_path):
+    soundfile.write(tmp_path / "a.wav", _sine(440, 44100, 0.5, channels=2), 44100, subtype="PCM_16")
+    soundfile.write(tmp_path / "b.flac", _sine(1000, 8000, 0.25), 8000)
+    a, b = files.read_audio(tmp_path / "a.wav"), files.read_audio(tmp_path / "b.flac")
+    assert len(a) == 8000 and len(b) == 4000
+    for wave, freq in ((a, 440), (b, 1000)):  # the tone's frequency survives the resampling
+        spectrum = np.abs(np.fft.rfft(wave))
+        assert abs(np.argmax(spectrum) * 16000 / len(wave) - freq) <= 2
+    data = load_dataset(f"wav:{tmp_path}")
+    assert data.train.shape == (1 + 1, 1, speech.CLIP_SAMPLES)  # one clip per file (shorter than a clip)
+
+
+def test_save_wav_round_trips_16_bit_samples(tmp_path):
+    pcm = np.random.default_rng(0).integers(-32768, 32768, 500).astype(np.int16)
+    x = files.to_unit(pcm.astype(np.float32) / 32768)
+    files.save_wav(x[None], tmp_path / "x.wav")
+    back, rate = soundfile.read(tmp_path / "x.wav", dtype="int16")
+    assert rate == 16000 and np.array_equal(back, pcm)
+
+
+def test_bad_sound_files_are_named(tmp_path):
+    soundfile.write(tmp_path / "good.wav", _sine(440, 16000, 0.1), 16000)
+    (tmp_path / "broken.wav").write_bytes(b"RIFF0000WAVEnot really")
+    with pytest.raises(DataError, match="broken.wav: not a readable sound file"):
+        load_dataset(f"wav:{tmp_path}")
+    (tmp_path / "empty").mkdir()
+    with pytest.raises(DataError, match="no .wav/.flac files"):
+        load_dataset(f"wav:{tmp_path / 'empty'}")
+    with pytest.raises(DataError, match="no such file"):
+        files.read_audio(tmp_path / "missing.wav")
+
+
+def test_stft_magnitude_matches_a_brute_force_dft():
+    rng = np.random.default_rng(1)
+    wave = rng.standard_normal((2, 1000))
+    n_fft, hop = 64, 24
+    got = spectral.stft_magnitude(torch.tensor(wave), n_fft, hop).numpy()  # (B, F, N)
+    window = 0.5 - 0.5 * np.cos(2 * np.pi * np.arange(n_fft) / n_fft)  # periodic Hann
+    k = np.arange(n_fft // 2 + 1)[:, None]
+    basis = np.exp(-2j * np.pi * k * np.arange(n_fft)[None] / n_fft)  # (F, n_fft)
+    frames = (1000 - n_fft) // hop + 1
+    for b in range(2):
+        for i in range(frames):
+            expected = np.abs(basis @ (wave[b, i * hop:i * hop + n_fft] * window))
+            np.testing.assert_allclose(got[b, :, i], np.maximum(expected, spectral.EPS), rtol=1e-9, atol=1e-9)
+    assert got.shape == (2, n_fft // 2 + 1, frames)
+
+
+def test_stft_loss_is_zero_only_for_equal_clips_and_has_gradients():
+    x = torch.rand(2, 1, 4096)
+    assert float(spectral.stft_loss(x, x)) == 0.0
+    x_hat = (x + 0.01 * torch.randn_like(x)).requires_grad_()
+    loss = spectral.stft_loss(x_hat, x)
+    loss.backward()
+    assert float(loss.detach()) > 0 and x_hat.grad.abs().sum() > 0
+    # by hand for one resolution: spectral convergence + mean log distance
+    s = spectral.stft_magnitude(x.flatten(1) * 2 - 1, 256, 64)
+    s_hat = spectral.stft_magnitude(x_hat.detach().flatten(1) * 2 - 1, 256, 64)
+    by_hand = np.mean([float((s[b] - s_hat[b]).norm() / s[b].norm() + (s[b].log() - s_hat[b].log()).abs().mean())
+                       for b in range(2)])
+    assert float(spectral.stft_loss(x_hat.detach(), x, resolutions=((256, 64),))) == pytest.approx(by_hand, rel=1e-5)
+
+
+def test_snr_and_log_mel_distance_by_hand():
+    x = _sine(300, 16000, 0.5)
+    assert spectral.snr(x, 0.9 * x) == pytest.approx(20.0)  # noise 0.1 x: 10 log10(1 / 0.01)
+    assert spectral.log_mel_distance(x, x) == 0.0
+    # white noise fills every band well above the floor: scaling by 2 raises each by 10 log10(4) dB
+    noise = 0.1 * np.random.default_rng(2).standard_normal(8000)
+    assert spectral.log_mel_distance(noise, 2 * noise) == pytest.approx(10 * np.log10(4), rel=1e-6)
+    bank = spectral.mel_filterbank(1024, 80)
+    assert bank.shape == (80, 513) and bank.max() <= 1 and (bank.max(axis=1) > 0.5).all()
+
+
+def test_spectrogram_picture(tmp_path):
+    from PIL import Image
+
+    spectral.save_spectrogram([_sine(300, 16000, 0.5), _sine(2000, 16000, 0.25)], tmp_path / "s.png")
+    with Image.open(tmp_path / "s.png") as img:
+        assert img.mode == "L" and img.size[1] == (80 * 2 + 2) * 2
