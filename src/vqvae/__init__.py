@@ -28,6 +28,8 @@ from .run import Run
 from .codec import compress, decompress, read_header
 from .devices import set_threads, world
 from .train import Stopped, train_autoencoder, train_prior
+from .audio import is_audio_file, load_audio, save_wav
+from .audio.pipeline import SPEECH_MODEL, audio_compression_table, sample_targets, save_audio_samples
 
 __version__ = "0.1.0"
 __all__ = [
@@ -44,4 +46,6 @@ __all__ = [
     "sample_images", "save_grid", "save_reconstructions",
     "Run", "compress", "decompress", "read_header",
     "Stopped", "set_threads", "train_autoencoder", "train_prior", "world",
+    "is_audio_file", "load_audio", "save_wav", "SPEECH_MODEL", "audio_compression_table", "sample_targets",
+    "save_audio_samples",
 ]

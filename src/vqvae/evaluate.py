@@ -50,11 +50,12 @@ def evaluate_autoencoder(model, images: torch.Tensor, batch_size: int = 250) -> 
             x_hat = model.decode(encoded)
             counts += code_histogram(encoded.codes.cpu(), K)
             psnrs.append(psnr(x_hat, x).cpu())
-            ssims.append(ssim(x_hat, x).cpu())
+            if x.dim() == 4:  # images; sound (B, 1, T) has no SSIM
+                ssims.append(ssim(x_hat, x).cpu())
             mses.append((x_hat - x).pow(2).flatten(1).mean(1).cpu())
     return {
         "psnr": float(torch.cat(psnrs).mean()),
-        "ssim": float(torch.cat(ssims).mean()),
+        "ssim": float(torch.cat(ssims).mean()) if ssims else float("nan"),
         "mse": float(torch.cat(mses).mean()),
         "perplexity": float(perplexity(counts)),
         "codes_used": codes_used(counts),

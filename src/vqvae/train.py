@@ -417,6 +417,8 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
     train_x = data.train  # (N, C, H, W); the model pads sizes that are not a multiple of its downsampling
     if data.channels != model_cfg.in_channels:
         model_cfg = replace(model_cfg, in_channels=data.channels)
+    if data.train.dim() - 2 != model_cfg.dims:  # sound (N, 1, T) trains the 1-D nets
+        model_cfg = replace(model_cfg, dims=data.train.dim() - 2)
     if not resume and run.state_path.exists():
         raise RunError(f"{out_dir}: already holds a run; pass --resume to continue it or choose another --out")
     barrier()  # every rank has checked before rank 0 writes anything
@@ -443,7 +445,14 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
             return train_x[idx.to(device)]  # the global batch; the trainer keeps this rank's slice
 
         def loss_fn(m, x):
+            if model_cfg.dims == 1:  # sound: random crops, and a loss that listens (audio/spectral.py)
+                from .audio.spectral import stft_loss, training_crop
+
+                x = training_crop(x)
             out = m(x)
+            if model_cfg.dims == 1:
+                spectral = stft_loss(out.x_hat, x)
+                return out.loss + spectral, {**out.metrics, "stft": spectral.detach()}
             return out.loss, out.metrics
 
         def fmt(m: dict) -> str:

@@ -18,7 +18,19 @@ import torch
 from .speech import SAMPLE_RATE
 
 RESOLUTIONS = ((1024, 256), (512, 128), (256, 64))  # (n_fft, hop): ~64, 32 and 16 ms windows at 16 kHz
-EPS = 1e-7
+EPS = 1e-5  # magnitudes floored here before the log: about -100 dB of a full-scale window
+TRAIN_CROP = 4096  # samples of each clip a training step sees (0.256 s: 64 codes at 1/64)
+
+
+def training_crop(x: torch.Tensor, length: int = TRAIN_CROP) -> torch.Tensor:
+    """A random `length`-sample window of each clip (B, C, T) -> (B, C, length), offsets drawn from torch's
+    global generator (which checkpoints save: a resumed run draws the same crops); unchanged if T <= length."""
+    B, C, T = x.shape
+    if T <= length:
+        return x
+    start = torch.randint(0, T - length + 1, (B, 1, 1)).to(x.device)
+    index = start + torch.arange(length, device=x.device)  # (B, 1, length)
+    return x.gather(2, index.expand(B, C, length))
 
 
 def stft_magnitude(wave: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
@@ -30,7 +42,8 @@ def stft_magnitude(wave: torch.Tensor, n_fft: int, hop: int) -> torch.Tensor:
 
 def stft_loss(x_hat: torch.Tensor, x: torch.Tensor, resolutions=RESOLUTIONS) -> torch.Tensor:
     """Multi-resolution STFT loss of clips (B, 1, T) in [0, 1]: the mean over `resolutions` of spectral
-    convergence |S - S_hat|_F / |S|_F plus the mean |log S - log S_hat| (Yamamoto et al., Parallel WaveGAN).
+    convergence |S - S_hat|_F / |S|_F (norms over the batch) plus the mean |log S - log S_hat| (Yamamoto et
+    al., Parallel WaveGAN).
     Clips shorter than a resolution's window skip it (all of them: 0)."""
     wave, wave_hat = (x.flatten(1) * 2 - 1).float(), (x_hat.flatten(1) * 2 - 1).float()  # (B, T)
     losses = []
@@ -38,9 +51,9 @@ def stft_loss(x_hat: torch.Tensor, x: torch.Tensor, resolutions=RESOLUTIONS) -> 
         if wave.shape[1] < n_fft:
             continue
         s, s_hat = stft_magnitude(wave, n_fft, hop), stft_magnitude(wave_hat, n_fft, hop)
-        convergence = torch.linalg.vector_norm(s - s_hat, dim=(1, 2)) / torch.linalg.vector_norm(s, dim=(1, 2))
-        log_distance = (s.log() - s_hat.log()).abs().mean(dim=(1, 2))
-        losses.append((convergence + log_distance).mean())
+        # over the whole batch: a silent clip alone would divide by nearly zero
+        convergence = torch.linalg.vector_norm(s - s_hat) / torch.linalg.vector_norm(s)
+        losses.append(convergence + (s.log() - s_hat.log()).abs().mean())
     return torch.stack(losses).mean() if losses else x_hat.sum() * 0
 
 
