@@ -164,3 +164,90 @@ def test_training_crops_are_windows_of_each_clip():
         start = int(crops[b, 0, 0]) - 200 * b
         assert torch.equal(crops[b], x[b, :, start:start + 30])
     assert spectral.training_crop(x, 100) is x
+
+
+# -- the 1-D pipeline: a tiny run on speech:tiny ----------------------------------------------------------
+TINY_AUDIO = dict(hidden=8, res_hidden=4, res_blocks=1, downsample=64, dims=1, encoder_kernel=3)
+
+
+@pytest.fixture(scope="module")
+def audio_run(cache, tmp_path_factory):
+    """A 20-step 1-D VQ-VAE (K = 16) on speech:tiny with a 10-step digit-conditional prior."""
+    from rich.console import Console
+
+    from vqvae.config import ModelConfig, QuantizerConfig, TrainConfig
+    from vqvae.train import train_autoencoder, train_prior
+
+    path = tmp_path_factory.mktemp("audio_run")
+    quiet = Console(quiet=True)
+    model_cfg = ModelConfig(**{**TINY_AUDIO, "dims": 2}, quantizer=QuantizerConfig(codebook_size=16, code_dim=4))
+    figures = train_autoencoder(model_cfg, TrainConfig(data="speech:tiny", steps=20, batch_size=4, log_every=5),
+                                path, show_progress=False, console=quiet)
+    train_prior(path, dict(n_layer=1, n_embd=16, n_head=2), TrainConfig(data="codes", steps=10, batch_size=8,
+                                                                        warmup_steps=2),
+                shifts=0, show_progress=False, console=quiet)
+    return path, figures
+
+
+def test_sound_trains_the_1d_model_with_the_stft_loss(audio_run):
+    import json
+
+    from vqvae.run import Run
+
+    path, figures = audio_run
+    model = Run(path).model()
+    assert model.cfg.dims == 1  # taken from the data, whatever the config said
+    records = [json.loads(line) for line in (path / "metrics.jsonl").read_text().splitlines()]
+    assert all(r["stft"] > 0 for r in records) and figures["images"] == 10
+    x = load_dataset("speech:tiny").test[:2]
+    codes = model.encode(x).codes
+    assert codes.shape == (2, speech.CLIP_SAMPLES // 64)  # 1/64 of the sample rate: 250 codes/s
+    assert model.decode(codes).shape == x.shape
+
+
+def test_vqz_files_of_sound_round_trip_the_codes(audio_run):
+    from vqvae.codec import api, container
+    from vqvae.run import Run
+
+    run = Run(audio_run[0])
+    clips = [files.to_unit(np.sin(np.arange(n) / 7.0) * 0.3)[None] for n in (1000, 4097)]
+    data, stats = run.compress(clips)
+    header = container.read_header(data)
+    assert header.shapes == ((1, 1000), (1, 4097))  # (C, T): a 1-D sequence in the container
+    model = run.model()
+    expected = [model.encode(c[None]).codes[0] for c in clips]
+    decoded = api.decompress_codes(model, run.integer_prior(), data)
+    assert all(torch.equal(a, b) for a, b in zip(expected, decoded))
+    out = run.decompress(data)
+    assert [tuple(x.shape) for x in out] == [(1, 1000), (1, 4097)]
+    assert torch.equal(out[0], model.decode(expected[0][None], (1000,))[0])
+
+
+def test_cli_sound_commands(audio_run, tmp_path):
+    from vqvae.cli import main
+
+    path = str(audio_run[0])
+    soundfile.write(tmp_path / "a.wav", _sine(300, 22050, 0.3, channels=2), 22050)
+    assert main(["sample", path, "-n", "10", "-o", str(tmp_path / "s.png")]) == 0
+    assert (tmp_path / "s.png").is_file() and len(list(tmp_path.glob("s-*.wav"))) == 10
+    assert main(["reconstruct", path, str(tmp_path / "a.wav"), "-o", str(tmp_path / "r.wav")]) == 0
+    assert soundfile.info(str(tmp_path / "r.wav")).frames == int(0.3 * 16000)
+    assert main(["encode", path, str(tmp_path / "a.wav"), "-o", str(tmp_path / "c.npz")]) == 0
+    assert main(["decode", path, str(tmp_path / "c.npz"), "-o", str(tmp_path / "d")]) == 0
+    assert soundfile.info(str(tmp_path / "d" / "a.wav")).frames == int(0.3 * 16000)
+    assert main(["compress", path, str(tmp_path / "a.wav"), "-o", str(tmp_path / "a.vqz")]) == 0
+    assert main(["decompress", path, str(tmp_path / "a.vqz"), "-o", str(tmp_path / "back.wav")]) == 0
+    back, rate = soundfile.read(tmp_path / "back.wav")
+    assert rate == 16000 and len(back) == int(0.3 * 16000)
+    (tmp_path / "bad.wav").write_bytes(b"not a sound")
+    assert main(["compress", path, str(tmp_path / "bad.wav"), "-o", str(tmp_path / "b.vqz")]) == 2
+    assert not (tmp_path / "b.vqz").exists()
+
+
+def test_audio_compression_table_names_every_codec(audio_run):
+    from vqvae.audio.pipeline import audio_compression_table
+    from vqvae.run import Run
+
+    table = audio_compression_table(Run(audio_run[0]), limit=3)
+    assert table["clips"] == 3
+    assert {"vqvae (.vqz)", "FLAC", "mu-law 8 kHz"} <= set(table)

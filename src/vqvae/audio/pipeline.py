@@ -17,7 +17,7 @@ from .files import from_unit, save_wav, to_unit
 from .spectral import log_mel_distance, save_spectrogram, snr
 
 # The 1-D VQ-VAE of the speech demo: 6 strided convolutions, 16 kHz -> 250 codes/s, K = 512.
-SPEECH_MODEL = ModelConfig(in_channels=1, hidden=64, res_hidden=32, res_blocks=2, downsample=64, dims=1,
+SPEECH_MODEL = ModelConfig(in_channels=1, hidden=32, res_hidden=16, res_blocks=2, downsample=64, dims=1,
                            encoder_kernel=3, quantizer=QuantizerConfig(codebook_size=512, code_dim=16))
 
 
