@@ -322,7 +322,7 @@ def decompress(run: Path = RunArg,
 # -- everything at once ------------------------------------------------------------------------------------
 
 DEMO_STEPS, DEMO_PRIOR_STEPS = 8000, 2000
-SPEECH_STEPS, SPEECH_PRIOR_STEPS = 1000, 1000  # --data speech: under 10 minutes on 2 shared CPU cores
+SPEECH_STEPS, SPEECH_PRIOR_STEPS = 1000, 500  # --data speech: under 10 minutes on 2 shared CPU cores
 
 
 @app.command()
@@ -374,11 +374,11 @@ def _demo(out_dir: Path, steps: int, prior_steps: int, seed: int) -> None:
 def _demo_speech(out_dir: Path, steps: int, prior_steps: int, seed: int) -> None:
     err.rule("1/4  1-D VQ-VAE on spoken digits (16 kHz -> 250 codes/s)")
     tcfg = vqvae.TrainConfig(data="speech", steps=steps, batch_size=16, seed=seed, log_every=20)
-    figures = vqvae.train_autoencoder(vqvae.SPEECH_MODEL, tcfg, out_dir, console=err)
+    figures = _train(vqvae.SPEECH_MODEL, tcfg, out_dir)
     _print_figures("held-out speakers", {k: v for k, v in figures.items() if k != "ssim"}, False)
 
     err.rule("2/4  prior over the code sequences, conditional on the digit")
-    figures = _prior(out_dir, steps=prior_steps, seed=seed, force=True, batch_size=32, shifts=0)
+    figures = _prior(out_dir, steps=prior_steps, seed=seed, force=True, batch_size=16, shifts=0, layers=2, width=32)
     _print_figures(f"held-out code likelihood of {out_dir}", figures, False)
 
     err.rule("3/4  samples: one of each digit")
