@@ -90,7 +90,8 @@ def _naming_inputs(error: VQVAEError, paths: list[Path]) -> VQVAEError:
 
 @app.command()
 def train(
-    data: str = typer.Option("mnist", help="Dataset URI: mnist, digits, photos, folder:PATH, npy:PATH."),
+    data: str = typer.Option("mnist", help="Dataset URI: mnist, digits, photos, folder:PATH, npy:PATH; sound "
+                                           "(the 1-D model, use --downsample 64): speech, wav:PATH."),
     out_dir: Path = typer.Option(Path("runs/mnist"), "--out", help="Run directory to write."),
     steps: int = typer.Option(8000, help="Training steps (the schedule runs over them)."),
     max_seconds: float = typer.Option(0.0, help="Stop after this much training time (0: no limit)."),
