@@ -24,28 +24,19 @@ import numpy as np
 
 from vqvae import Run
 from vqvae.audio import baselines
-from vqvae.audio.files import from_unit
 from vqvae.audio.pipeline import codec_rows, held_out_clips
 from vqvae.audio.speech import SAMPLE_RATE
 
 RESULTS = Path(__file__).parent / "results"
 
 
-def stoi_scores(run: Run, clips: list, names: list[str]) -> dict[str, float]:
-    """Mean STOI per codec (pystoi), or {} when pystoi is not installed."""
+def stoi_score():
+    """score(reference, decoded) -> {"stoi": STOI} (pystoi), or None when pystoi is not installed."""
     try:
         from pystoi import stoi
     except ImportError:
-        return {}
-    waves = [from_unit(c.reshape(-1)).astype(np.float64) for c in clips]
-    decoders = {"vqvae (.vqz)": lambda c, w: from_unit(run.decompress(run.compress([c])[0])[0].reshape(-1)),
-                "FLAC": lambda c, w: baselines.flac(w)[1], "mu-law 8 kHz": lambda c, w: baselines.mulaw_8k(w)[1]}
-    for name in names:
-        if name.startswith("Opus"):
-            kbps = float(name.split()[1])
-            decoders[name] = lambda c, w, k=kbps: baselines.opus(w, k)[1]
-    return {name: float(np.mean([stoi(w, decoders[name](c, w), SAMPLE_RATE, extended=False)
-                                 for c, w in zip(clips, waves)])) for name in names if name in decoders}
+        return None
+    return lambda reference, decoded: {"stoi": float(stoi(reference, decoded, SAMPLE_RATE, extended=False))}
 
 
 def plot(rows: list[dict], path: Path) -> None:
@@ -77,11 +68,7 @@ def main() -> None:
     run = Run(args.run)
     clips, _ = held_out_clips(run.data_uri, args.clips)
     start = time.perf_counter()
-    rows = codec_rows(run, clips)
-    stoi = stoi_scores(run, clips, [r["codec"] for r in rows])
-    for row in rows:
-        if row["codec"] in stoi:
-            row["stoi"] = stoi[row["codec"]]
+    rows = codec_rows(run, clips, score=stoi_score())
     raw = float(np.mean([2 * c.shape[-1] for c in clips]))
     print(f"{len(clips)} held-out clips of {run.data_uri}, {raw:,.0f} bytes of 16-bit PCM each on average "
           f"({time.perf_counter() - start:.0f} s)")

@@ -67,14 +67,17 @@ def sample_targets(output: str | Path, n: int) -> list[Path]:
             *[stem.parent / f"{stem.name}-{i:03d}.wav" for i in range(n)]]
 
 
-def _quality(reference: np.ndarray, decoded: np.ndarray) -> dict:
-    return {"snr_db": snr(reference, decoded), "log_mel_db": log_mel_distance(reference, decoded)}
+def _quality(reference: np.ndarray, decoded: np.ndarray, score=None) -> dict:
+    figures = {"snr_db": snr(reference, decoded), "log_mel_db": log_mel_distance(reference, decoded)}
+    return {**figures, **(score(reference, decoded) if score is not None else {})}
 
 
-def codec_rows(run, clips: list[torch.Tensor], opus_kbps: tuple[float, ...] = (6, 8, 12, 16)) -> list[dict]:
+def codec_rows(run, clips: list[torch.Tensor], opus_kbps: tuple[float, ...] = (6, 8, 12, 16),
+               score=None) -> list[dict]:
     """One row per codec: name, bytes (mean per clip), snr_db and log_mel_db (means over clips), for the
     run's .vqz files (one file per clip: header, payload and CRC), FLAC, 8 kHz mu-law and Opus at each of
-    `opus_kbps` (when opus-tools is installed)."""
+    `opus_kbps` (when opus-tools is installed). `score(reference, decoded) -> {name: value}` adds figures
+    (means over clips)."""
     waves = [from_unit(c.reshape(-1)) for c in clips]
     codecs = {"vqvae (.vqz)": None, "FLAC": baselines.flac, "mu-law 8 kHz": baselines.mulaw_8k}
     if baselines.opus_available():
@@ -90,10 +93,10 @@ def codec_rows(run, clips: list[torch.Tensor], opus_kbps: tuple[float, ...] = (6
             else:
                 size, decoded = codec(wave)
             sizes.append(size)
-            figures.append(_quality(wave, decoded))
+            figures.append(_quality(wave, decoded, score))
         rows.append({"codec": name, "bytes": float(np.mean(sizes)),
                      **{k: float(np.mean([f[k] for f in figures if np.isfinite(f[k])] or [np.inf]))
-                        for k in ("snr_db", "log_mel_db")}})
+                        for k in figures[0]}})
     return rows
 
 
