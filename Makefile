@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install demo test bench clean
+.PHONY: install demo test bench bench-audio clean
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -34,6 +34,13 @@ bench: $(VENV)/.bench
 	$(BIN)/python benchmarks/sampling.py
 	$(BIN)/python benchmarks/scaling.py
 	$(BIN)/python benchmarks/streaming.py
+
+# The audio codec benchmark: a speech run (under 10 minutes on 2 cores), then bytes and quality against FLAC,
+# Opus (opus-tools from Debian, installed here when missing) and 8 kHz mu-law.
+bench-audio: $(VENV)/.bench
+	command -v opusenc >/dev/null || (apt-get install -y opus-tools || sudo apt-get install -y opus-tools)
+	test -f runs/speech/prior/integer/config.json || $(BIN)/vqvae --threads $(THREADS) demo --data speech --out runs/speech
+	$(BIN)/python benchmarks/audio_codec.py runs/speech
 
 clean:
 	rm -rf $(VENV) runs

@@ -32,6 +32,8 @@ from .streaming import write_shards
 from .train import Stopped, train_autoencoder, train_prior
 from .compare import (MODEL_VARIANTS, compare_models, comparison_markdown, comparison_settings, comparison_table,
                       variant_config, write_comparison)
+from .audio import is_audio_file, load_audio, save_wav
+from .audio.pipeline import SPEECH_MODEL, audio_compression_table, sample_targets, save_audio_samples
 
 __version__ = "0.1.0"
 __all__ = [
@@ -51,4 +53,6 @@ __all__ = [
     "PRESETS", "write_shards",
     "MODEL_VARIANTS", "compare_models", "comparison_markdown", "comparison_settings", "comparison_table",
     "variant_config", "write_comparison",
+    "is_audio_file", "load_audio", "save_wav", "SPEECH_MODEL", "audio_compression_table", "sample_targets",
+    "save_audio_samples",
 ]

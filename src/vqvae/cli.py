@@ -30,7 +30,7 @@ out = Console()
 err = Console(stderr=True, soft_wrap=True)  # a long path stays on one line
 
 RunArg = typer.Argument(..., help="Run directory written by `vqvae train`.")
-ImagesArg = typer.Argument(..., help="Image files (PNG/JPEG, any size).")
+ImagesArg = typer.Argument(..., help="Image files (PNG/JPEG, any size); WAV/FLAC files for a sound (1-D) model.")
 ForceOpt = typer.Option(False, "--force", help="Replace output files that exist.")
 MaxPixelsOpt = typer.Option(MAX_PIXELS, "--max-pixels", help="Refuse input images of more pixels than this.")
 EVAL_HELP = ("Every this many steps: held-out figures in metrics.jsonl and the progress line, the best weights "
@@ -67,9 +67,17 @@ def _print_figures(title: str, figures: dict, as_json: bool) -> None:
     out.print(table)
 
 
-def _load_inputs(paths: list[Path], channels: int, max_pixels: int = MAX_PIXELS) -> list:
-    """Image files as (C, H, W) tensors with the model's channel count (gray <-> RGB converted)."""
+def _load_inputs(paths: list[Path], channels: int, max_pixels: int = MAX_PIXELS, dims: int = 2) -> list:
+    """Image files as (C, H, W) tensors with the model's channel count (gray <-> RGB converted); for a
+    1-D model, sound files as (1, T) clips at its rate."""
+    if dims == 1:
+        return vqvae.load_audio(paths)
     return [vqvae.to_channels(x, channels) for x in vqvae.load_images(paths, max_pixels)]
+
+
+def _save_output(x, path: Path) -> None:
+    """An image (C, H, W), or a clip (1, T) as a WAV file, in [0, 1]."""
+    (vqvae.save_wav if x.dim() == 2 else vqvae.save_image)(x.cpu(), path)
 
 
 def _naming_inputs(error: VQVAEError, paths: list[Path]) -> VQVAEError:
@@ -87,7 +95,8 @@ def _naming_inputs(error: VQVAEError, paths: list[Path]) -> VQVAEError:
 def train(
     ctx: typer.Context,
     data: str = typer.Option("mnist", help="Dataset URI: mnist, digits, photos, folder:PATH, "
-                                           "shards:PATH_OR_GLOB, npy:PATH."),
+                                           "shards:PATH_OR_GLOB, npy:PATH; sound (the 1-D model, use "
+                                           "--downsample 64): speech, wav:PATH."),
     out_dir: Path = typer.Option(Path("runs/mnist"), "--out", help="Run directory to write."),
     steps: int = typer.Option(8000, help="Training steps (the schedule runs over them)."),
     max_seconds: float = typer.Option(0.0, help="Stop after this much training time (0: no limit)."),
@@ -228,13 +237,13 @@ def reconstruct(run: Path = RunArg, images: list[Path] = ImagesArg,
                 output: Path = typer.Option(..., "-o", "--output",
                                             help="One input: the output image. Several: a directory."),
                 force: bool = ForceOpt, max_pixels: int = MaxPixelsOpt) -> None:
-    """Encode and decode images; outputs have the inputs' size and channels."""
-    targets = output_paths(images, output, ".png")
-    check_outputs(targets, force, sources=images)
+    """Encode and decode images (or sound files); outputs have the inputs' size and channels."""
     model = Run(run).model()
-    inputs = _load_inputs(images, model.cfg.in_channels, max_pixels)
+    targets = output_paths(images, output, ".wav" if model.cfg.dims == 1 else ".png")
+    check_outputs(targets, force, sources=images)
+    inputs = _load_inputs(images, model.cfg.in_channels, max_pixels, model.cfg.dims)
     for x, target in zip(inputs, targets):
-        vqvae.save_image(model.reconstruct(x[None])[0], target)
+        _save_output(model.reconstruct(x[None])[0], target)
         err.print(f"wrote {_shown(target)}")
 
 
@@ -260,7 +269,7 @@ def encode(run: Path = RunArg, images: list[Path] = ImagesArg,
     grids have a stage axis first. Models without one code grid (ae, vae, vqvae2) are refused."""
     check_outputs([output], force)
     model = _one_grid_model(run)
-    encoded = [model.encode(x[None]) for x in _load_inputs(images, model.cfg.in_channels, max_pixels)]
+    encoded = [model.encode(x[None]) for x in _load_inputs(images, model.cfg.in_channels, max_pixels, model.cfg.dims)]
     vqvae.save_codes(output, [e.codes[0] for e in encoded], [e.size for e in encoded], [p.name for p in images],
                      model.cfg.quantizer.codebook_size, model.cfg.in_channels)
     shapes = ", ".join("x".join(map(str, e.codes.shape[1:])) for e in encoded)
@@ -281,10 +290,10 @@ def decode(run: Path = RunArg,
     entries = vqvae.load_codes(codes, model.cfg.quantizer.codebook_size, model.cfg.dims, model.cfg.downsample,
                                stages=getattr(model.quantizer, "num_stages", 0))
     names = [name for name, _, _ in entries]
-    targets = output_paths(names, output, ".png", unique=True)
+    targets = output_paths(names, output, ".wav" if model.cfg.dims == 1 else ".png", unique=True)
     check_outputs(targets, force, sources=names)
     for (name, grid, size), target in zip(entries, targets):
-        vqvae.save_image(model.decode(grid[None], size)[0], target)
+        _save_output(model.decode(grid[None], size)[0], target)
         err.print(f"wrote {_shown(target)}")
 
 
@@ -348,10 +357,18 @@ def sample(run: Path = RunArg,
            seed: int = typer.Option(0),
            output: Path = typer.Option(Path("samples.png"), "-o", "--output", help="The grid image to write."),
            force: bool = ForceOpt) -> None:
-    """Sample codes from the learned prior, decode them, and write a grid of images."""
+    """Sample codes from the learned prior, decode them, and write a grid of images (a sound model: WAV
+    files OUTPUT-000.wav, ... and their spectrograms in OUTPUT)."""
     check_outputs([output], force)
     r = Run(run)
-    images, nrow = vqvae.sample_images(r.model(), r.prior(), n, label, temperature, top_k, seed)
+    model = r.model()
+    images, nrow = vqvae.sample_images(model, r.prior(), n, label, temperature, top_k, seed)
+    if model.cfg.dims == 1:
+        check_outputs(vqvae.sample_targets(output, len(images)), force)
+        written = vqvae.save_audio_samples(images, output)
+        err.print(f"wrote {_shown(written[0])} and {len(written) - 1} WAV files next to it: {len(images)} samples"
+                  + (f" ({nrow} per class, in class order)" if nrow else ""))
+        return
     vqvae.save_grid(images, output, nrow=nrow, scale=2)
     err.print(f"wrote {_shown(output)}: {len(images)} samples" + (" (one row per class)" if nrow else ""))
 
@@ -372,7 +389,9 @@ def compress(run: Path = RunArg, images: list[Path] = ImagesArg,
     check_outputs([output], force)
     r = Run(run)
     try:
-        data, stats = r.compress(_load_inputs(images, r.model().cfg.in_channels, max_pixels), coder, stages)
+        model = r.model()
+        data, stats = r.compress(_load_inputs(images, model.cfg.in_channels, max_pixels, model.cfg.dims), coder,
+                                 stages)
     except VQVAEError as e:
         raise _naming_inputs(e, images) from None
     vqvae.write_bytes(output, data)
@@ -389,16 +408,18 @@ def decompress(run: Path = RunArg,
                                            help="One image: the output file. Several: a directory."),
                force: bool = ForceOpt, max_pixels: int = typer.Option(
                    MAX_PIXELS, "--max-pixels", help="Refuse files whose images hold more pixels than this.")) -> None:
-    """Decode a .vqz file back to images at their original sizes (several: 00000.png, 00001.png, ...)."""
+    """Decode a .vqz file back to images at their original sizes (several: 00000.png, 00001.png, ...);
+    sound as WAV files."""
     if not file.is_file():
         raise vqvae.CodecError(f"{file}: {'is a directory' if file.is_dir() else 'no such file'}")
     data = file.read_bytes()
-    count = vqvae.read_header(data).num_images  # every target is checked before any work
-    targets = output_paths([f"{i:05d}.png" for i in range(count)], output, ".png")
+    header = vqvae.read_header(data)  # every target is checked before any work
+    suffix = ".wav" if len(header.shapes[0]) == 2 else ".png"  # (C, T): sound
+    targets = output_paths([f"{i:05d}{suffix}" for i in range(header.num_images)], output, suffix)
     check_outputs(targets, force)
     decoded = Run(run).decompress(data, max_pixels)
     for image, target in zip(decoded, targets):
-        vqvae.save_image(image.cpu(), target)
+        _save_output(image, target)
     err.print(f"wrote {len(decoded)} image(s) to {_shown(output)}")
 
 
@@ -437,13 +458,18 @@ def compare_cmd(
 # -- everything at once ------------------------------------------------------------------------------------
 
 DEMO_STEPS, DEMO_PRIOR_STEPS = 8000, 2000
+SPEECH_STEPS, SPEECH_PRIOR_STEPS = 1000, 500  # --data speech: under 10 minutes on 2 shared CPU cores
 
 
 @app.command()
 def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out",
                                       help="Run directory to write; an earlier run there is replaced."),
-         steps: int = typer.Option(DEMO_STEPS, help="VQ-VAE training steps (about 3 minutes on 2 CPU cores)."),
-         prior_steps: int = typer.Option(DEMO_PRIOR_STEPS, help="Prior training steps (about 3 minutes)."),
+         steps: Optional[int] = typer.Option(None, help=f"VQ-VAE training steps (default {DEMO_STEPS}, about 3 "
+                                                        f"minutes on 2 CPU cores; speech {SPEECH_STEPS})."),
+         prior_steps: Optional[int] = typer.Option(None, help=f"Prior training steps (default {DEMO_PRIOR_STEPS}, "
+                                                              f"about 3 minutes; speech {SPEECH_PRIOR_STEPS})."),
+         data: str = typer.Option("mnist", "--data", help="mnist (images) or speech (spoken digits: the 1-D "
+                                                          "VQ-VAE, a prior, sampled speech, audio compression)."),
          seed: int = typer.Option(0),
          force: bool = typer.Option(False, "--force", help="Replace --out even if it holds files that are no "
                                                            "part of a vqvae run (they are deleted).")) -> None:
@@ -452,10 +478,15 @@ def demo(out_dir: Path = typer.Option(Path("runs/demo"), "--out",
     Budgets are step counts, not seconds, so the figures are the same on a busy or a fast machine.
     --out is replaced only if it is empty or holds a vqvae run (or with --force).
     """
+    if data not in ("mnist", "speech"):
+        raise vqvae.ConfigError(f"--data must be mnist or speech, got {data!r}")
     run = Run(out_dir)
     with run.lock("vqvae demo", create=True):
         run.clear(force)
-        _demo(out_dir, steps, prior_steps, seed)
+        if data == "speech":
+            _demo_speech(out_dir, steps or SPEECH_STEPS, prior_steps or SPEECH_PRIOR_STEPS, seed)
+        else:
+            _demo(out_dir, steps or DEMO_STEPS, prior_steps or DEMO_PRIOR_STEPS, seed)
 
 
 def _demo(out_dir: Path, steps: int, prior_steps: int, seed: int) -> None:
@@ -474,6 +505,24 @@ def _demo(out_dir: Path, steps: int, prior_steps: int, seed: int) -> None:
     err.rule("4/4  compression of the 500 held-out digits")
     table = vqvae.compression_table(Run(out_dir), figures["psnr"], write=out_dir / Run.HELDOUT)
     _print_figures("bytes per held-out digit", table, False)
+
+
+def _demo_speech(out_dir: Path, steps: int, prior_steps: int, seed: int) -> None:
+    err.rule("1/4  1-D VQ-VAE on spoken digits (16 kHz -> 250 codes/s)")
+    tcfg = vqvae.TrainConfig(data="speech", steps=steps, batch_size=16, seed=seed, log_every=20)
+    figures = _train(vqvae.SPEECH_MODEL, tcfg, out_dir)
+    _print_figures("held-out speakers", {k: v for k, v in figures.items() if k != "ssim"}, False)
+
+    err.rule("2/4  prior over the code sequences, conditional on the digit")
+    figures = _prior(out_dir, steps=prior_steps, seed=seed, force=True, batch_size=16, shifts=0, layers=2, width=32)
+    _print_figures(f"held-out code likelihood of {out_dir}", figures, False)
+
+    err.rule("3/4  samples: one of each digit")
+    sample(out_dir, n=10, temperature=1.0, top_k=None, label=None, seed=seed, output=out_dir / Run.SAMPLES,
+           force=True)
+
+    err.rule("4/4  compression of held-out clips (one .vqz file per clip)")
+    _print_figures("bytes per held-out clip", vqvae.audio_compression_table(Run(out_dir), limit=50), False)
 
 
 def main(argv: list[str] | None = None) -> int:

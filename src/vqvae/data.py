@@ -48,7 +48,7 @@ TEST_PHOTOS = ("coffee", "motorcycle")
 TRAIN_CROPS_PER_PHOTO = 800  # 4,000 training crops
 TEST_CROPS_PER_PHOTO = 256  # 512 held-out crops
 IMAGE_SUFFIXES = (".png", ".jpg", ".jpeg")
-KNOWN_URIS = "mnist, digits, photos, folder:PATH, shards:PATH_OR_GLOB, npy:PATH"
+KNOWN_URIS = "mnist, digits, photos, folder:PATH, shards:PATH_OR_GLOB, npy:PATH, speech, wav:PATH"
 # Inputs above this many pixels are refused before they are decoded (`--max-pixels` raises it): a 79 KB
 # PNG can hold 9000x9000 zeros, which the model's activations would turn into tens of gigabytes.
 MAX_PIXELS = 4096 * 4096
@@ -71,8 +71,8 @@ class Dataset:
         return self.train.shape[1]
 
     @property
-    def image_size(self) -> tuple[int, int]:
-        return (self.train.shape[2], self.train.shape[3])
+    def image_size(self) -> tuple[int, ...]:
+        return tuple(self.train.shape[2:])  # (H, W); (T,) for sound
 
 
 def load_dataset(uri: str, seed: int = 0, crop: int = 32, image_size: int = 0, skip_bad_files: bool = False,
@@ -104,6 +104,14 @@ def load_dataset(uri: str, seed: int = 0, crop: int = 32, image_size: int = 0, s
     if uri.startswith("npy:"):
         path = Path(uri[len("npy:"):]).expanduser()
         return _split(_load_npy(path), None, 0, uri)
+    if uri == "speech" or uri.startswith("speech:"):
+        from .audio.files import load_speech
+
+        return load_speech(uri)
+    if uri.startswith("wav:"):
+        from .audio.files import load_wav_folder
+
+        return load_wav_folder(Path(uri[len("wav:"):]).expanduser(), uri)
     raise DataError(f"unknown dataset URI {uri!r}; expected one of: {KNOWN_URIS}")
 
 

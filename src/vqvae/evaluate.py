@@ -91,11 +91,12 @@ def evaluate_autoencoder(model, images: torch.Tensor, batch_size: int = 250,
                     hists = [code_histogram(g.cpu(), K) for g in grids]
                     counts[prefix] = hists if prefix not in counts else [a + b for a, b in zip(counts[prefix], hists)]
             psnrs.append(psnr(x_hat, x).cpu())
-            ssims.append(ssim(x_hat, x).cpu())
+            if x.dim() == 4:  # images; sound (B, 1, T) has no SSIM
+                ssims.append(ssim(x_hat, x).cpu())
             mses.append((x_hat - x).pow(2).flatten(1).mean(1).cpu())
     figures = {
         "psnr": float(torch.cat(psnrs).mean()),
-        "ssim": float(torch.cat(ssims).mean()),
+        "ssim": float(torch.cat(ssims).mean()) if ssims else float("nan"),
         "mse": float(torch.cat(mses).mean()),
     }
     for prefix, hists in counts.items():

@@ -51,6 +51,10 @@ def save_reconstructions(model, images: torch.Tensor, path: str | Path, n: int =
     """`n` images spread over `images` (so a split sorted by class shows every class) in the upper rows,
     their reconstructions below."""
     x = images[torch.linspace(0, len(images) - 1, min(n, len(images))).long()]
+    if x.dim() == 3:  # sound (B, 1, T): spectrograms, each clip above its reconstruction
+        from .audio.pipeline import save_audio_comparison
+
+        return save_audio_comparison(x[:6], model.reconstruct(x[:6].to(model.device)).cpu(), path)
     save_comparison(x, model.reconstruct(x.to(model.device)).cpu(), path)
     return Path(path)
 

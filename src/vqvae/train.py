@@ -55,7 +55,7 @@ from .data import load_dataset
 from .devices import AUTOCAST, barrier, batch_share, init_distributed, pick_device, world
 from .errors import ConfigError, RunError
 from .evaluate import encode_dataset, evaluate_autoencoder, integer_prior_figures, likelihood, prior_figures
-from .heldout import HeldOut, autoencoder_heldout, prior_heldout, save_weights
+from .heldout import EVAL_SIZE, HeldOut, autoencoder_heldout, prior_heldout, save_weights
 from .models import build_model
 from .pretrained import fingerprint
 from .run import CodeChunks, Run
@@ -469,6 +469,8 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
                         skip_bad_files=train_cfg.skip_bad_files)
     if data.channels != model_cfg.in_channels:
         model_cfg = replace(model_cfg, in_channels=data.channels)
+    if len(data.image_size) != model_cfg.dims:  # sound (N, 1, T) trains the 1-D nets
+        model_cfg = replace(model_cfg, dims=len(data.image_size))
     if not resume and run.state_path.exists():
         raise RunError(f"{out_dir}: already holds a run; pass --resume to continue it or choose another --out")
     barrier()  # every rank has checked before rank 0 writes anything
@@ -502,7 +504,14 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
 
         def loss_fn(m, x):
             model.set_progress(trainer.progress_fraction())  # schedules (the dVAE's temperature and KL weight)
+            if model_cfg.dims == 1:  # sound: random crops, and a loss that listens (audio/spectral.py)
+                from .audio.spectral import stft_loss, training_crop
+
+                x = training_crop(x)
             out = m(x)
+            if model_cfg.dims == 1:
+                spectral = stft_loss(out.x_hat, x)
+                return out.loss + spectral, {**out.metrics, "stft": spectral.detach()}
             return out.loss, out.metrics
 
         def fmt(m: dict) -> str:
@@ -511,7 +520,9 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
             return "  ".join([f"loss {m['loss']:.4f}  PSNR {psnr:5.2f} dB",
                               *(form.format(m[k]) for k, form in extra.items() if k in m)])
 
-        heldout = autoencoder_heldout(model, data.train, data.test, lambda: save_weights(model, run.best_path())) \
+        # A streamed dataset decodes only the training images the held-out comparison needs, not all of them.
+        train_sample = data.stream.load(data.stream.train[:EVAL_SIZE]) if hasattr(data, "stream") else data.train
+        heldout = autoencoder_heldout(model, train_sample, data.test, lambda: save_weights(model, run.best_path())) \
             if train_cfg.eval_every else None
         trainer = Trainer(model, train_cfg, out_dir, next_batch, loss_fn, lambda d: model.save_pretrained(d, extra),
                           fmt=fmt, show_progress=show_progress, console=console,

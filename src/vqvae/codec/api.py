@@ -42,9 +42,15 @@ def decode_image(model: VQVAE, codes: Tensor, size: tuple[int, int]) -> Tensor:
     return model.decode(codes[None].to(model.device), size)[0]
 
 
-def latent_shape(shape: tuple[int, int, int], factor: int) -> tuple[int, int]:
-    """The latent grid (h, w) of a (C, H, W) image: the format's ceil(H / f) x ceil(W / f)."""
-    return (-(-shape[1] // factor), -(-shape[2] // factor))
+def latent_shape(shape: tuple[int, ...], factor: int) -> tuple[int, ...]:
+    """The latent grid (h, w) of a (C, H, W) image: the format's ceil(H / f) x ceil(W / f); (ceil(T / f),)
+    of a (C, T) sequence."""
+    return tuple(-(-s // factor) for s in shape[1:])
+
+
+def _rows(shape: tuple[int, ...]) -> tuple[int, int]:
+    """A latent grid as the coder's (h, w): a sequence of T' codes is one row (1, T'), as the priors see it."""
+    return (1, shape[0]) if len(shape) == 1 else shape
 
 
 # ------------------------------------------------------------------------------------------------
@@ -56,8 +62,8 @@ def _check_model(model: VQVAE) -> None:
     if not isinstance(model, VQVAE):
         raise CodecError(f".vqz files hold the codes of one grid per image (VQVAE with vq, ema, fsq or rvq "
                          f"quantizers, DVAE), not of a {type(model).__name__}")
-    if model.cfg.dims != 2:
-        raise CodecError(f".vqz files hold images: the model must be 2-D (dims=2), got dims={model.cfg.dims}")
+    if model.cfg.dims not in (1, 2):
+        raise CodecError(f".vqz files hold images or sequences: the model must be 2-D or 1-D, got dims={model.cfg.dims}")
 
 
 def _what(prior) -> str:
@@ -73,8 +79,9 @@ def _check_prior(model: VQVAE, prior: Prior | IntegerPrior) -> None:
     K = model.cfg.quantizer.codebook_size
     if prior.cfg.codebook_size != K:
         raise CodecError(f"the prior models {prior.cfg.codebook_size} codes but the model's codebook has {K}")
-    if len(prior.cfg.grid) != 2:
-        raise CodecError(f"images need a prior over 2-D code grids, got grid={prior.cfg.grid}")
+    if len(prior.cfg.grid) != model.cfg.dims:
+        raise CodecError(f"a {model.cfg.dims}-D model needs a prior over {model.cfg.dims}-D code grids, "
+                         f"got grid={prior.cfg.grid}")
     if prior.cfg.stages != model.code_stages:
         raise CodecError(f"the prior models {prior.cfg.stages} residual-VQ stages, the model's codes have "
                          f"{model.code_stages}")
@@ -105,19 +112,22 @@ def _check_counts(model: VQVAE, code_counts) -> np.ndarray:
 
 
 def _check_images(model: VQVAE, images: list[Tensor]) -> list[tuple[int, int, int]]:
-    C = model.cfg.in_channels
+    C, dims = model.cfg.in_channels, model.cfg.dims
     if not isinstance(images, (list, tuple)) or not images:
         raise CodecError("nothing to compress: expected a non-empty list of (C, H, W) image tensors")
     if len(images) > MAX_IMAGES:
         raise CodecError(f"at most {MAX_IMAGES} images fit in one .vqz file, got {len(images)}")
     shapes = []
     for i, x in enumerate(images):
-        if not isinstance(x, Tensor) or x.ndim != 3 or not x.dtype.is_floating_point:
+        if not isinstance(x, Tensor) or x.ndim != dims + 1 or not x.dtype.is_floating_point:
             what = f"{x.dtype} {tuple(x.shape)}" if isinstance(x, Tensor) else type(x).__name__
-            raise CodecError(f"image {i}: expected a float (C, H, W) tensor in [0, 1], got {what}")
+            raise CodecError(f"image {i}: expected a float {'(C, T)' if dims == 1 else '(C, H, W)'} tensor in [0, 1], "
+                             f"got {what}")
         if x.shape[0] != C:
             raise CodecError(f"image {i} has {x.shape[0]} channels, the model takes {C}")
-        if not (1 <= x.shape[1] <= MAX_SIDE and 1 <= x.shape[2] <= MAX_SIDE):
+        if dims == 1 and not 1 <= x.shape[1] <= MAX_PIXELS:
+            raise CodecError(f"image {i} has {x.shape[1]} samples; a sequence holds 1..{MAX_PIXELS}")
+        if dims == 2 and not (1 <= x.shape[1] <= MAX_SIDE and 1 <= x.shape[2] <= MAX_SIDE):
             raise CodecError(f"image {i} is {x.shape[1]}x{x.shape[2]}; sides must be 1..{MAX_SIDE}")
         shapes.append(tuple(int(s) for s in x.shape))
     if sum(math.prod(s) for s in shapes) > MAX_PIXELS:
@@ -215,7 +225,8 @@ def compress(model: VQVAE, prior: IntegerPrior | None, images: list[Tensor], cod
         flat = np.concatenate([c.reshape(-1).numpy() for c in codes]).astype(np.int64)  # (N,)
         if coder == "range":
             source = entropy.IntegerPriorFrequencies(prior)
-            layout = entropy.make_layout([tuple(c.shape[-2:]) for c in codes], source.hw, max(stages, 1))
+            layout = entropy.make_layout([_rows(tuple(c.shape[c.dim() - model.cfg.dims:])) for c in codes], source.hw,
+                                         max(stages, 1))
             if prior.cfg.num_classes > 0 and labels is None and label_prior is not None:
                 labels = entropy.best_labels_full_pass(label_prior, layout, flat, len(images))
             elif prior.cfg.num_classes > 0 and labels is None:
@@ -281,6 +292,9 @@ def _decode_codes(model: VQVAE, prior, data: bytes, code_counts) -> tuple[Header
     for i, shape in enumerate(header.shapes):
         if shape[0] != model.cfg.in_channels:
             raise CodecError(f"image {i} has {shape[0]} channels, the model makes {model.cfg.in_channels}")
+    if len(header.shapes[0]) != model.cfg.dims + 1:
+        raise CodecError(f"this .vqz file holds {'sequences' if len(header.shapes[0]) == 2 else 'images'}, the "
+                         f"model is {model.cfg.dims}-D")
     if header.stages > model.code_stages:
         raise CodecError(f"this .vqz file holds {header.stages} residual-VQ stages per position, the model's codes "
                          f"have {model.code_stages}" if model.code_stages else
@@ -288,11 +302,12 @@ def _decode_codes(model: VQVAE, prior, data: bytes, code_counts) -> tuple[Header
     if model.code_stages and not header.stages:
         raise CodecError("this .vqz file holds codes of one grid per image, the model's are residual-VQ stages")
     latent_shapes = [latent_shape(shape, model.cfg.downsample) for shape in header.shapes]
+    rows = [_rows(shape) for shape in latent_shapes]
     per_image = max(header.stages, 1)  # code grids per image
     with eval_mode(model, prior):
         if header.coder == "range":
             _check_range_prior(model, prior, header)
-            _check_payload_length(header, payload, per_image * sum(h * w for h, w in latent_shapes),
+            _check_payload_length(header, payload, per_image * sum(h * w for h, w in rows),
                                   prior.cfg.codebook_size)
             if header.prior_fingerprint != fingerprint(prior):
                 raise CodecError(f"this .vqz file was made with another prior (fingerprint "
@@ -303,16 +318,15 @@ def _decode_codes(model: VQVAE, prior, data: bytes, code_counts) -> tuple[Header
                                  f"num_classes={num_classes}")
             labels = None if header.labels is None else np.array(header.labels, dtype=np.int64)
             source = entropy.frequency_source(prior)
-            flat = entropy.range_decode(source, entropy.make_layout(latent_shapes, source.hw, per_image), labels,
-                                        payload)
+            flat = entropy.range_decode(source, entropy.make_layout(rows, source.hw, per_image), labels, payload)
         else:
             counts = _check_counts(model, code_counts)
             if header.prior_fingerprint != counts_fingerprint(counts):
                 raise CodecError(f"this .vqz file was Huffman-coded with other code counts (fingerprint "
                                  f"{header.prior_fingerprint.hex()}, the given counts' is "
                                  f"{counts_fingerprint(counts).hex()})")
-            flat = huffman.decode(counts, payload, per_image * sum(h * w for h, w in latent_shapes))
-    shapes = [(header.stages,) * bool(header.stages) + shape for shape in latent_shapes]  # ([s,] h, w)
+            flat = huffman.decode(counts, payload, per_image * sum(h * w for h, w in rows))
+    shapes = [(header.stages,) * bool(header.stages) + shape for shape in latent_shapes]  # ([s,] h, w) or ([s,] t)
     ends = np.cumsum([math.prod(shape) for shape in shapes])
     grids = [torch.from_numpy(part.reshape(shape)) for part, shape in zip(np.split(flat, ends[:-1]), shapes)]
     return header, grids

@@ -28,8 +28,10 @@ CODERS = ("range", "huffman")  # version 1: the flags' low nibble is the index i
 # Flags byte. Low nibble, version 1: the coder (0 range, 1 Huffman); version 2: the entropy model,
 # 0 for the Huffman code, else the format_id of the integer prior that drove the range coder.
 FLAG_UNIFORM, FLAG_LABELS, MODEL_MASK = 0x10, 0x20, 0x0F
+FLAG_SEQUENCE = 0x80  # the inputs are sequences (sound): each shape is (C, T), not (C, H, W)
 MAX_INTEGER_MODEL = MODEL_MASK
 MAX_IMAGES, MAX_SIDE, MAX_PIXELS, MAX_LABEL, MAX_STAGES = 1 << 20, 1 << 16, 1 << 28, 1 << 16, 64
+MAX_LENGTH = MAX_PIXELS  # samples of one sequence
 MIN_FILE_BYTES = len(MAGIC) + 1 + 2 * FINGERPRINT_BYTES + 1 + 1 + 3 + CRC_BYTES  # empty payload: 17
 
 
@@ -39,7 +41,7 @@ class Header:
 
     coder: "range" or "huffman". model_fingerprint: `fingerprint(model)`. prior_fingerprint:
     `fingerprint(prior)` for the range coder, `counts_fingerprint(counts)` for Huffman.
-    shapes: (C, H, W) of each image, in file order. labels: the class each image was coded with
+    shapes: (C, H, W) of each image, in file order ((C, T) of each sequence: FLAG_SEQUENCE). labels: the class each image was coded with
     (class-conditional priors), else None. version: the format version (1: range coder driven by a
     float prior; 2: by an integer prior; 3: as 2, for residual-VQ codes). integer_model: for version-2
     and -3 range-coded files the `format_id` of the integer prior (1 integer transformer, 2 integer
@@ -51,7 +53,7 @@ class Header:
     coder: str
     model_fingerprint: bytes
     prior_fingerprint: bytes
-    shapes: tuple[tuple[int, int, int], ...]
+    shapes: tuple[tuple[int, ...], ...]
     labels: tuple[int, ...] | None = None
     version: int = VERSION
     integer_model: int = 0
@@ -79,6 +81,8 @@ class Header:
         uniform = len(set(self.shapes)) == 1
         flags = model | (FLAG_UNIFORM if uniform else 0)
         flags |= 0 if self.labels is None else FLAG_LABELS
+        assert len({len(shape) for shape in self.shapes}) == 1 and len(self.shapes[0]) in (2, 3), self.shapes
+        flags |= FLAG_SEQUENCE if len(self.shapes[0]) == 2 else 0
         out = bytearray(MAGIC + bytes([self.version]) + self.model_fingerprint + self.prior_fingerprint)
         out.append(flags)
         if self.stages:
@@ -166,7 +170,7 @@ def parse(data: bytes) -> tuple[Header, bytes]:
     prior_fp = reader.take(FINGERPRINT_BYTES, "prior fingerprint")
     flags = reader.take(1, "flags")[0]
     model = flags & MODEL_MASK
-    if flags & ~(MODEL_MASK | FLAG_UNIFORM | FLAG_LABELS) or (version == 1 and model >= len(CODERS)):
+    if flags & ~(MODEL_MASK | FLAG_UNIFORM | FLAG_LABELS | FLAG_SEQUENCE) or (version == 1 and model >= len(CODERS)):
         raise CodecError(f"corrupted .vqz header: unknown flags 0x{flags:02x}")
     if version == 1:
         coder, integer_model = CODERS[model], 0
@@ -176,8 +180,9 @@ def parse(data: bytes) -> tuple[Header, bytes]:
     n = reader.varint("image count", 1, MAX_IMAGES)
     shapes = []
     for i in range(1 if flags & FLAG_UNIFORM else n):
-        names = ("channels", "height", "width")
-        shapes.append(tuple(reader.varint(f"image {i} {name}", 1, MAX_SIDE) for name in names))
+        names = ("channels", "length") if flags & FLAG_SEQUENCE else ("channels", "height", "width")
+        shapes.append(tuple(reader.varint(f"image {i} {name}", 1, MAX_LENGTH if name == "length" else MAX_SIDE)
+                            for name in names))
     if flags & FLAG_UNIFORM:
         shapes = shapes * n
     elif n > 1 and len(set(shapes)) == 1:  # one file, one encoding: equal shapes are written once

@@ -226,8 +226,8 @@ def best_labels(source: FrequencySource, layout: Layout, flat: np.ndarray, num_i
 def best_labels_full_pass(prior: Prior, layout: Layout, flat: np.ndarray, num_images: int) -> np.ndarray:
     """`best_labels` under a float prior's full `logits` pass, one per class: much faster than stepping an
     integer prior, and as good a choice (the label is stored in the file, so it need not be bit-exact)."""
-    if prior.cfg.num_classes < 1 or len(prior.cfg.grid) != 2:
-        raise CodecError("the label prior must be a class-conditional prior over 2-D grids")
+    if prior.cfg.num_classes < 1 or len(prior.cfg.grid) not in (1, 2):
+        raise CodecError("the label prior must be a class-conditional prior over 1-D or 2-D grids")
     Y, device = prior.cfg.num_classes, prior.device
     bits = np.zeros((num_images, Y))
     for start in range(0, len(layout.index), CHUNK):
