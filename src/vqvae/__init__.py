@@ -25,6 +25,7 @@ from .priors import PixelCNNPrior, Prior, TransformerPrior, build_prior, load_pr
 from .quantizers import EMAVectorQuantizer, Quantized, VectorQuantizer, build_quantizer
 from .report import sample_images, save_grid, save_reconstructions
 from .run import Run
+from .html_report import write_report
 from .codec import compress, decompress, read_header
 from .devices import set_threads, world
 from .train import Stopped, train_autoencoder, train_prior
@@ -41,7 +42,7 @@ __all__ = [
     "compression_table", "encode_dataset", "evaluate_autoencoder", "evaluate_run", "likelihood", "prior_figures",
     "PixelCNNPrior", "Prior", "TransformerPrior", "build_prior", "load_prior", "prior_bits",
     "EMAVectorQuantizer", "Quantized", "VectorQuantizer", "build_quantizer",
-    "sample_images", "save_grid", "save_reconstructions",
+    "sample_images", "save_grid", "save_reconstructions", "write_report",
     "Run", "compress", "decompress", "read_header",
     "Stopped", "set_threads", "train_autoencoder", "train_prior", "world",
 ]

@@ -300,6 +300,18 @@ def decompress(run: Path = RunArg,
     err.print(f"wrote {len(decoded)} image(s) to {_shown(output)}")
 
 
+# -- looking at a run ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def report(run: Path = RunArg,
+           output: Optional[Path] = typer.Option(None, "-o", "--output", help="The HTML file (RUN/report.html).")) -> None:
+    """Write one self-contained HTML page of the run: curves, codebook use, reconstructions, code grids,
+    samples and rate-distortion against PNG, JPEG and WebP (needs the `report` extra: matplotlib)."""
+    path = vqvae.write_report(Run(run), output)
+    err.print(f"wrote {_shown(path)}")
+
+
 # -- everything at once ------------------------------------------------------------------------------------
 
 DEMO_STEPS, DEMO_PRIOR_STEPS = 8000, 2000
@@ -340,6 +352,12 @@ def _demo(out_dir: Path, steps: int, prior_steps: int, seed: int) -> None:
     err.rule("4/4  compression of the 500 held-out digits")
     table = vqvae.compression_table(Run(out_dir), figures["psnr"], write=out_dir / Run.HELDOUT)
     _print_figures("bytes per held-out digit", table, False)
+
+    err.rule("report")
+    try:
+        report(out_dir, output=None)
+    except VQVAEError as e:  # e.g. matplotlib missing: the run itself is complete
+        err.print(f"no report: {_shown(e)}")
 
 
 def main(argv: list[str] | None = None) -> int:
