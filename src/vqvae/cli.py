@@ -32,6 +32,8 @@ RunArg = typer.Argument(..., help="Run directory written by `vqvae train`.")
 ImagesArg = typer.Argument(..., help="Image files (PNG/JPEG, any size).")
 ForceOpt = typer.Option(False, "--force", help="Replace output files that exist.")
 MaxPixelsOpt = typer.Option(MAX_PIXELS, "--max-pixels", help="Refuse input images of more pixels than this.")
+LogOpt = typer.Option([], "--log", help="Also log metrics to: csv (metrics.csv next to metrics.jsonl) or tensorboard "
+                                        "(event files in tensorboard/); repeat for both.")
 
 
 def _version(value: bool) -> None:
@@ -108,6 +110,7 @@ def train(
     log_every: int = typer.Option(50, help="Append to metrics.jsonl every this many steps."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     as_json: bool = typer.Option(False, "--json", help="Print held-out figures as one JSON object."),
+    log: list[str] = LogOpt,
 ) -> None:
     """Train a VQ-VAE and write config.json, model.safetensors, metrics.jsonl and recon.png to --out."""
     qcfg = vqvae.QuantizerConfig(codebook_size=codebook_size, code_dim=code_dim, commitment_weight=beta,
@@ -117,13 +120,13 @@ def train(
     tcfg = vqvae.TrainConfig(data=data, steps=steps, max_seconds=max_seconds, batch_size=batch_size, lr=lr,
                              seed=seed, device=device, precision=precision, checkpoint_every=checkpoint_every,
                              log_every=log_every)
-    figures = _train(mcfg, tcfg, out_dir, resume)
+    figures = _train(mcfg, tcfg, out_dir, resume, tuple(log))
     if world()[0] == 0:  # under torchrun: one report, from rank 0
         _print_figures(f"held-out figures of {out_dir}", figures, as_json)
 
 
-def _train(model_cfg, train_cfg, out_dir: Path, resume: bool = False) -> dict:
-    figures = vqvae.train_autoencoder(model_cfg, train_cfg, out_dir, resume=resume, console=err)
+def _train(model_cfg, train_cfg, out_dir: Path, resume: bool = False, log: tuple[str, ...] = ()) -> dict:
+    figures = vqvae.train_autoencoder(model_cfg, train_cfg, out_dir, resume=resume, console=err, log=log)
     if world()[0] != 0:
         return figures
     run = Run(out_dir)
@@ -217,17 +220,19 @@ def prior(run: Path = RunArg,
           precision: str = typer.Option("fp32", help="fp32, bf16 or fp16 (autocast for the prior; fp16 needs CUDA)."),
           resume: bool = typer.Option(False, "--resume", help="Continue the run's prior from its last checkpoint."),
           force: bool = typer.Option(False, "--force", help="Replace an existing prior."),
-          as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+          as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+          log: list[str] = LogOpt) -> None:
     """Learn an autoregressive prior over the run's codes (saved under RUN/prior/, with its integer model
     for the range coder under RUN/prior/integer/); print held-out bits."""
     figures = _prior(run, arch=arch, steps=steps, max_seconds=max_seconds, batch_size=batch_size, lr=lr,
                      layers=layers, width=width, heads=heads, dropout=dropout, shifts=shifts, seed=seed,
-                     device=device, precision=precision, resume=resume, force=force)
+                     device=device, precision=precision, resume=resume, force=force, log=tuple(log))
     _print_figures(f"held-out code likelihood of {run}", figures, as_json)
 
 
 def _prior(run: Path, steps: int, seed: int = 0, max_seconds: float = 0.0, device: str = "auto",
-           precision: str = "fp32", resume: bool = False, force: bool = False, **options) -> dict:
+           precision: str = "fp32", resume: bool = False, force: bool = False, log: tuple[str, ...] = (),
+           **options) -> dict:
     options = {**PRIOR_DEFAULTS, **options}
     tcfg = vqvae.TrainConfig(data="codes", steps=steps, max_seconds=max_seconds, batch_size=options["batch_size"],
                              lr=options["lr"], seed=seed, device=device, precision=precision,
@@ -235,7 +240,7 @@ def _prior(run: Path, steps: int, seed: int = 0, max_seconds: float = 0.0, devic
     overrides = dict(arch=options["arch"], n_layer=options["layers"], n_embd=options["width"],
                      n_head=options["heads"], dropout=options["dropout"])
     figures = vqvae.train_prior(run, overrides, tcfg, shifts=options["shifts"], resume=resume, force=force,
-                                console=err)
+                                console=err, log=log)
     err.print(f"wrote {_shown(Run(run).prior_dir)}/config.json, model.safetensors, metrics.jsonl")
     return figures
 

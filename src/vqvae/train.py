@@ -46,6 +46,7 @@ from .config import ModelConfig, TrainConfig, from_dict, to_dict, write_atomical
 from .data import load_dataset
 from .devices import AUTOCAST, barrier, batch_share, init_distributed, pick_device, world
 from .errors import ConfigError, RunError
+from .logs import metric_sinks
 from .evaluate import encode_dataset, evaluate_autoencoder, integer_prior_figures, likelihood, prior_figures
 from .pretrained import fingerprint
 from .run import Run
@@ -163,6 +164,7 @@ class Trainer:
     show_progress: bool = True
     name: str = "train"
     identity: dict = field(default_factory=dict)
+    sinks: list = field(default_factory=list)  # callables given each logged record too (`logs.metric_sinks`)
     step: int = 0
     elapsed: float = 0.0
 
@@ -354,6 +356,8 @@ class Trainer:
                         if log is not None:
                             log.write(json.dumps(record) + "\n")
                             log.flush()
+                            for sink in self.sinks:
+                                sink(record)
                         live = self.fmt(last)
                     show(self.step, self.progress_fraction(), live)
                     if self._stop_requested:
@@ -399,16 +403,18 @@ def holding_run_lock(owner: str):
 
 # -- autoencoders --------------------------------------------------------------------------------------
 def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
-                      show_progress: bool = True, console: Console | None = None) -> dict:
+                      show_progress: bool = True, console: Console | None = None, log: tuple[str, ...] = ()) -> dict:
     """Train a VQ-VAE on `train_cfg.data` into run directory `out_dir`; returns held-out metrics.
 
     With `resume`, the model, optimizer and budget continue from the run's last checkpoint (the run's own
     `config.json` wins over the arguments, so a resumed run is the same run). The device and the dataset
-    are checked before anything is written; the run directory is locked while training.
+    are checked before anything is written; the run directory is locked while training. `log`: metric
+    sinks besides metrics.jsonl ("csv", "tensorboard"; see `logs.metric_sinks`).
     """
     out_dir = Path(out_dir)
     run = Run(out_dir)
     console = console or Console(stderr=True)
+    sinks = metric_sinks(log, run.metrics_path)  # called on rank 0 alone, by the Trainer
     if resume:
         model_cfg, train_cfg = run.section("model", ModelConfig), run.section("train", TrainConfig)
     device = init_distributed(pick_device(train_cfg.device))
@@ -452,7 +458,7 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
 
         trainer = Trainer(model, train_cfg, out_dir, next_batch, loss_fn, lambda d: model.save_pretrained(d, extra),
                           fmt=fmt, show_progress=show_progress, console=console,
-                          identity={"run": run_id} if run_id else {})
+                          identity={"run": run_id} if run_id else {}, sinks=sinks)
         if resume:
             trainer.resume()
         elif rank == 0:
@@ -517,18 +523,19 @@ def cached_codes(run: Run, model: VQVAE, shifts: int = 0) -> dict[str, torch.Ten
 @holding_run_lock("vqvae prior")
 def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConfig, shifts: int = 1,
                 resume: bool = False, force: bool = False, show_progress: bool = True,
-                console: Console | None = None) -> dict:
+                console: Console | None = None, log: tuple[str, ...] = ()) -> dict:
     """Fit an autoregressive prior to the run's codes into RUN/prior/, and its integer model (what the range
     coder uses) into RUN/prior/integer/; returns held-out figures.
 
     Class-conditional when the dataset has labels. Figures: nll_bits_per_latent, integer_bits_per_latent,
     uniform_bits_per_latent (log2 K), nll_bits_per_image, bits_per_dim, plus the prior config. With
     `force`, an existing prior is deleted only once the new one's codes and config are known to be good.
-    The run directory is locked meanwhile.
+    The run directory is locked meanwhile. `log`: metric sinks besides metrics.jsonl, as for autoencoders.
     """
     from .priors import Prior, PriorConfig, build_prior
 
     run = Run(run)
+    sinks = metric_sinks(log, run.prior_dir / METRICS_NAME, "prior")
     device = pick_device(train_cfg.device)
     model = run.model(device)
     codes = cached_codes(run, model, shifts)
@@ -564,7 +571,7 @@ def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConf
     trainer = Trainer(prior, train_cfg, out_dir, next_batch, loss_fn, save, name="prior",
                       fmt=lambda m: f"train {m['bits_per_latent']:.3f} bits/latent",
                       show_progress=show_progress, console=console or Console(stderr=True),
-                      identity={"codes": codes_key(model, shifts)})
+                      identity={"codes": codes_key(model, shifts)}, sinks=sinks)
     if resume:
         trainer.resume()
     else:
