@@ -317,6 +317,17 @@ def report(run: Path = RunArg,
     err.print(f"wrote {_shown(path)}")
 
 
+@app.command()
+def serve(run: Path = RunArg,
+          port: int = typer.Option(8000, help="TCP port."),
+          host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface; the page "
+                                                      "has no authentication).")) -> None:
+    """A local web page: draw or upload a digit, see its codes and reconstruction, edit codes, sample
+    (needs the `serve` extra: starlette, uvicorn)."""
+    err.print(f"serving {_shown(run)} on http://{host}:{port} (Ctrl-C stops)")
+    vqvae.run_server(Run(run), host=host, port=port)
+
+
 # -- everything at once ------------------------------------------------------------------------------------
 
 DEMO_STEPS, DEMO_PRIOR_STEPS = 8000, 2000
