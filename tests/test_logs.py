@@ -85,3 +85,13 @@ def test_unknown_log_is_refused(tmp_path):
         metric_sinks(["csv,wandb"], tmp_path / "metrics.jsonl")
     assert main(["train", "--log", "wandb", "--out", str(tmp_path / "run")]) == 2
     assert not (tmp_path / "run").exists()
+
+
+def test_tensorboard_missing_is_one_line(tmp_path, monkeypatch):
+    import sys
+
+    from vqvae.errors import VQVAEError
+
+    monkeypatch.setitem(sys.modules, "torch.utils.tensorboard", None)  # import fails as if not installed
+    with pytest.raises(VQVAEError, match=r"--log tensorboard needs the tensorboard package: pip install 'vqvae\[log\]'"):
+        metric_sinks(["tensorboard"], tmp_path / "metrics.jsonl")

@@ -125,3 +125,14 @@ def test_code_grid_image_colours_each_code():
     assert len({tuple(c) for c in colours}) == 3
     for (i, j), k in np.ndenumerate(codes.numpy()):
         assert tuple(image[i * 10 + 1, j * 10 + 1]) == tuple(colours[k])  # a corner, away from the label
+
+
+def test_report_without_matplotlib_is_one_line(tiny_run, tmp_path, monkeypatch, capsys):
+    import sys
+
+    from vqvae.cli import main
+
+    monkeypatch.setitem(sys.modules, "matplotlib.figure", None)  # import fails as if not installed
+    assert main(["report", str(tiny_run), "-o", str(tmp_path / "r.html")]) == 2
+    assert "pip install 'vqvae[report]'" in capsys.readouterr().err
+    assert not (tmp_path / "r.html").exists()

@@ -233,3 +233,15 @@ def test_page_samples_a_class(page):
     page.wait_for_function("document.querySelector('#recon-title').textContent == 'sample of class 7'")
     assert page.locator("#grid .cell").count() == 49
     assert pixels(page.get_attribute("#recon", "src")).shape == (28, 28)
+
+
+def test_cli_serve_binds_localhost_by_default(tiny_run, monkeypatch, capsys):
+    import vqvae
+    from vqvae.cli import main
+
+    calls = []
+    monkeypatch.setattr(vqvae, "run_server", lambda run, host, port: calls.append((run.path, host, port)))
+    assert main(["serve", str(tiny_run)]) == 0
+    assert calls == [(tiny_run, "127.0.0.1", 8000)]
+    assert main(["serve", str(tiny_run / "nothing-here")]) == 2
+    assert "nothing-here" in capsys.readouterr().err

@@ -249,6 +249,10 @@ def build_report(run, figures: dict | None = None, samples_per_class: int = 8, s
         body += _missing(f"no code histogram: {e}")
     parts.append(_section("Codebook", body))
 
+    if model.cfg.dims != 2:
+        parts.append(_section("Pictures", _missing(f"pictures are drawn for image runs; this model is "
+                                                   f"{model.cfg.dims}-D")))
+        return _page(run, model, "", parts)
     originals = _spread(test, 16)
     recons = reconstruct_dataset(model, originals)
     both = torch.cat([originals, recons])
@@ -282,11 +286,16 @@ def build_report(run, figures: dict | None = None, samples_per_class: int = 8, s
         parts.append(_section("Samples from the prior", _missing(text)))
         parts.append(_section("Rate-distortion", _missing(f"{text}; .vqz files need it")))
 
+    return _page(run, model, "x".join(map(str, codes.shape[1:])), parts)
+
+
+def _page(run, model, grid_shape: str, parts: list[str]) -> str:
     title = f"vqvae report: {run.path}"
+    K = model.cfg.quantizer.codebook_size
     return (f"<!DOCTYPE html>\n<html lang=\"en\"><head><meta charset=\"utf-8\"><title>{html.escape(title)}</title>"
             f"<style>{_STYLE}</style></head>\n<body><h1>{html.escape(title)}</h1>\n"
             f"<p>data {html.escape(run.data_uri)} &middot; K = {K} codes of dimension {model.cfg.quantizer.code_dim}"
-            f" &middot; code grid {'x'.join(map(str, codes.shape[1:]))}</p>\n" + "".join(parts) + "</body></html>\n")
+            + (f" &middot; code grid {grid_shape}" if grid_shape else "") + "</p>\n" + "".join(parts) + "</body></html>\n")
 
 
 _STYLE = """body{font-family:system-ui,sans-serif;margin:2em auto;max-width:1100px;color:#222}

@@ -66,7 +66,9 @@ def read_upload(data: bytes, size: tuple[int, int], channels: int, max_bytes: in
             rgba = img.convert("RGBA")
     except BadRequest:
         raise
-    except (OSError, ValueError, SyntaxError, Image.DecompressionBombError, Image.DecompressionBombWarning):
+    except Image.DecompressionBombError:
+        raise BadRequest(413, f"the image has more than {max_pixels:,} pixels") from None
+    except (OSError, ValueError, SyntaxError):
         raise BadRequest(400, "the upload is not an image Pillow can read: send a PNG, JPEG or WebP image") from None
     background = Image.new("RGBA", rgba.size, (0, 0, 0, 255))
     flat = Image.alpha_composite(background, rgba).convert("L" if channels == 1 else "RGB")
@@ -113,6 +115,8 @@ def create_app(run, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_upload_pixels:
 
     run = run if isinstance(run, Run) else Run(run)
     model = run.model()
+    if model.cfg.dims != 2:
+        raise VQVAEError(f"{run.path}: vqvae serve shows images; this run's model is {model.cfg.dims}-D")
     size = tuple(run.config.get("data", {}).get("image_size") or (28, 28))
     channels, K = model.cfg.in_channels, model.cfg.quantizer.codebook_size
     prior = run.prior() if run.has_prior() else None
