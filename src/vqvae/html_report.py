@@ -27,7 +27,7 @@ from PIL import Image, ImageDraw
 
 from .errors import RunError, VQVAEError
 
-RD_QUALITIES = (5, 10, 20, 30, 50, 70, 90)  # JPEG and WebP qualities of the rate-distortion plot
+RD_QUALITIES = (1, 5, 10, 20, 30, 50, 70, 90)  # JPEG and WebP qualities of the rate-distortion plot
 SINGLE_FILES = 20  # held-out images compressed one file each for the .vqz per-image point
 
 
@@ -150,6 +150,7 @@ def plot_rate_distortion(rows: list[dict]) -> bytes:
         elif r["format"] == "vqz":
             ax.plot(r["bits_per_image"], r["psnr"], "*", markersize=12, label=r["label"])
     ax.set(xscale="log", xlabel="bits per image", ylabel="PSNR (dB)", title="rate-distortion, held-out images")
+    ax.xaxis.set_minor_formatter("")  # labels at powers of ten only: the minor ones overlap
     ax.grid(alpha=0.3, which="both")
     ax.legend(fontsize=8)
     return _plot_png(fig)
