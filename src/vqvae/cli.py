@@ -324,8 +324,10 @@ def serve(run: Path = RunArg,
                                                       "has no authentication).")) -> None:
     """A local web page: draw or upload a digit, see its codes and reconstruction, edit codes, sample
     (needs the `serve` extra: starlette, uvicorn)."""
+    r = Run(run)
+    r.model()  # a path that is not a run is one line here, before anything listens
     err.print(f"serving {_shown(run)} on http://{host}:{port} (Ctrl-C stops)")
-    vqvae.run_server(Run(run), host=host, port=port)
+    vqvae.run_server(r, host=host, port=port)
 
 
 # -- everything at once ------------------------------------------------------------------------------------
