@@ -129,6 +129,14 @@ def test_a_run_without_prior_encodes_and_refuses_to_sample(tiny_run, tmp_path):
     assert response.status_code == 409 and "vqvae prior" in response.json()["error"]
 
 
+def test_a_run_that_cannot_compress_is_a_409(tiny_run, tmp_path):
+    broken = tmp_path / "broken"  # a prior without its integer model, and no training codes to make one
+    shutil.copytree(tiny_run, broken, ignore=shutil.ignore_patterns("integer", "codes", "report.html"))
+    client = TestClient(create_app(Run(broken)))
+    response = client.post("/api/encode", content=png(a_digit()))
+    assert response.status_code == 409 and "vqvae prior" in response.json()["error"]
+
+
 # -- the page in a browser ------------------------------------------------------------------------------
 
 

@@ -21,6 +21,7 @@ Model calls are serialised by one lock and run in a worker thread, so the event 
 from __future__ import annotations
 
 import io
+import json
 import threading
 from importlib import resources
 
@@ -175,6 +176,8 @@ def create_app(run, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_upload_pixels:
                 return JSONResponse(await run_in_threadpool(work, payload))
             except BadRequest as e:
                 return JSONResponse({"error": str(e)}, status_code=e.status)
+            except VQVAEError as e:  # the run cannot do it (e.g. its prior's integer model is missing)
+                return JSONResponse({"error": str(e)}, status_code=409)
 
         return handle
 
@@ -191,7 +194,7 @@ def create_app(run, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_upload_pixels:
 
     async def body_json(request):
         try:
-            return await request.json()
+            return json.loads(await body_bytes(request))
         except ValueError:
             raise BadRequest(400, "the request body is not JSON") from None
 
