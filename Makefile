@@ -4,7 +4,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 TORCH_PIN := torch==2.13.0
 
-.PHONY: install demo test bench bench-audio clean
+.PHONY: install demo test bench bench-audio clean chromium
 
 $(VENV)/.installed: pyproject.toml
 	$(PYTHON) -m venv $(VENV)
@@ -20,7 +20,18 @@ THREADS ?= 0
 demo: install
 	$(BIN)/vqvae --threads $(THREADS) demo
 
-test: install
+# The browser tests (tests/test_serve.py) drive Debian's Chromium through Playwright: installed here with
+# apt-get as root (or passwordless sudo); elsewhere they skip, saying why.
+chromium:
+	@if [ -x /usr/bin/chromium ]; then :; \
+	elif ! command -v apt-get >/dev/null 2>&1; then echo "no apt-get: browser tests will skip"; \
+	else SUDO=; [ "$$(id -u)" = 0 ] || SUDO="sudo -n"; \
+	  if [ -n "$$SUDO" ] && ! sudo -n true 2>/dev/null; then echo "not root: browser tests will skip"; \
+	  else $$SUDO apt-get install -y -q chromium >/dev/null 2>&1 \
+	    || { $$SUDO apt-get update -q >/dev/null 2>&1 && $$SUDO apt-get install -y -q chromium >/dev/null 2>&1; } \
+	    || echo "apt-get could not install chromium: browser tests will skip"; fi; fi
+
+test: install chromium
 	$(BIN)/python -m pytest
 
 $(VENV)/.bench: $(VENV)/.installed

@@ -217,7 +217,7 @@ def test_demo_runs_the_whole_pipeline(tmp_path, capsys):
     code, stdout, err = run(capsys, "demo", "--out", out, "--steps", "20", "--prior-steps", "5")
     assert code == 0, err
     for name in ("config.json", "model.safetensors", "recon.png", "samples.png", "heldout.vqz",
-                 "prior/model.safetensors", "codes/train.npy"):
+                 "prior/model.safetensors", "codes/train.npy", "report.html"):
         assert (out / name).is_file(), name
     assert "WEBP" in stdout and "PNG" in stdout and "psnr" in stdout
     assert Image.open(out / "samples.png").size[1] > Image.open(out / "samples.png").size[0]  # 10 rows of 6

@@ -25,6 +25,8 @@ from .priors import PixelCNNPrior, Prior, TransformerPrior, build_prior, load_pr
 from .quantizers import EMAVectorQuantizer, Quantized, VectorQuantizer, build_quantizer
 from .report import sample_images, save_grid, save_reconstructions
 from .run import Run
+from .html_report import write_report
+from .serve import create_app, run_server
 from .codec import compress, decompress, read_header
 from .devices import set_threads, world
 from .presets import PRESETS
@@ -47,7 +49,7 @@ __all__ = [
     "compression_table", "encode_dataset", "evaluate_autoencoder", "evaluate_run", "likelihood", "prior_figures",
     "PixelCNNPrior", "Prior", "TransformerPrior", "build_prior", "load_prior", "prior_bits",
     "EMAVectorQuantizer", "Quantized", "VectorQuantizer", "build_quantizer",
-    "sample_images", "save_grid", "save_reconstructions",
+    "sample_images", "save_grid", "save_reconstructions", "write_report", "create_app", "run_server",
     "Run", "compress", "decompress", "read_header",
     "Stopped", "set_threads", "train_autoencoder", "train_prior", "world",
     "PRESETS", "write_shards",

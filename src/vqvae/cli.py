@@ -35,6 +35,8 @@ ForceOpt = typer.Option(False, "--force", help="Replace output files that exist.
 MaxPixelsOpt = typer.Option(MAX_PIXELS, "--max-pixels", help="Refuse input images of more pixels than this.")
 EVAL_HELP = ("Every this many steps: held-out figures in metrics.jsonl and the progress line, the best weights "
              "kept in model.best.safetensors, a warning when held-out and training figures part (0: never).")
+LogOpt = typer.Option([], "--log", help="Also log metrics to: csv (metrics.csv next to metrics.jsonl) or tensorboard "
+                                        "(event files in tensorboard/); repeat for both.")
 
 
 def _version(value: bool) -> None:
@@ -142,6 +144,7 @@ def train(
                                                     + ", ".join(vqvae.PRESETS) + "."),
     resume: bool = typer.Option(False, "--resume", help="Continue the run in --out from its last checkpoint."),
     as_json: bool = typer.Option(False, "--json", help="Print held-out figures as one JSON object."),
+    log: list[str] = LogOpt,
 ) -> None:
     """Train a model of the family (VQ-VAE by default) and write config.json, model.safetensors, metrics.jsonl
     and recon.png to --out."""
@@ -159,7 +162,7 @@ def train(
                              seed=seed, device=device, precision=precision, checkpoint_every=checkpoint_every,
                              log_every=log_every, eval_every=eval_every, image_size=sizes["image_size"],
                              skip_bad_files=skip_bad_files, workers=workers)
-    figures = _train(mcfg, tcfg, out_dir, resume)
+    figures = _train(mcfg, tcfg, out_dir, resume, tuple(log))
     if world()[0] == 0:  # under torchrun: one report, from rank 0
         _print_with_warning(f"held-out figures of {out_dir}", figures, as_json)
 
@@ -196,8 +199,8 @@ def _quantizer_config(model: str, kind: Optional[str], levels: str, **fields) ->
     return vqvae.QuantizerConfig(kind=kind, levels=parsed, **fields)
 
 
-def _train(model_cfg, train_cfg, out_dir: Path, resume: bool = False) -> dict:
-    figures = vqvae.train_autoencoder(model_cfg, train_cfg, out_dir, resume=resume, console=err)
+def _train(model_cfg, train_cfg, out_dir: Path, resume: bool = False, log: tuple[str, ...] = ()) -> dict:
+    figures = vqvae.train_autoencoder(model_cfg, train_cfg, out_dir, resume=resume, console=err, log=log)
     if world()[0] != 0:
         return figures
     run = Run(out_dir)
@@ -322,18 +325,21 @@ def prior(run: Path = RunArg,
           eval_every: int = typer.Option(0, "--eval-every", help=EVAL_HELP.replace("model.best", "prior/model.best")),
           resume: bool = typer.Option(False, "--resume", help="Continue the run's prior from its last checkpoint."),
           force: bool = typer.Option(False, "--force", help="Replace an existing prior."),
-          as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+          as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+          log: list[str] = LogOpt) -> None:
     """Learn an autoregressive prior over the run's codes (saved under RUN/prior/, with its integer model
     for the range coder under RUN/prior/integer/); print held-out bits."""
     figures = _prior(run, arch=arch, steps=steps, max_seconds=max_seconds, batch_size=batch_size, lr=lr,
                      layers=layers, width=width, heads=heads, dropout=dropout, shifts=shifts, seed=seed,
-                     device=device, precision=precision, resume=resume, force=force, eval_every=eval_every)
+                     device=device, precision=precision, resume=resume, force=force, eval_every=eval_every,
+                     log=tuple(log))
     if world()[0] == 0:  # under torchrun: one report, from rank 0
         _print_with_warning(f"held-out code likelihood of {run}", figures, as_json)
 
 
 def _prior(run: Path, steps: int, seed: int = 0, max_seconds: float = 0.0, device: str = "auto",
            precision: str = "fp32", resume: bool = False, force: bool = False, eval_every: int = 0,
+           log: tuple[str, ...] = (),
            **options) -> dict:
     options = {**PRIOR_DEFAULTS, **options}
     tcfg = vqvae.TrainConfig(data="codes", steps=steps, max_seconds=max_seconds, batch_size=options["batch_size"],
@@ -342,7 +348,7 @@ def _prior(run: Path, steps: int, seed: int = 0, max_seconds: float = 0.0, devic
     overrides = dict(arch=options["arch"], n_layer=options["layers"], n_embd=options["width"],
                      n_head=options["heads"], dropout=options["dropout"])
     figures = vqvae.train_prior(run, overrides, tcfg, shifts=options["shifts"], resume=resume, force=force,
-                                console=err)
+                                console=err, log=log)
     if world()[0] == 0:
         err.print(f"wrote {_shown(Run(run).prior_dir)}/config.json, model.safetensors, metrics.jsonl")
     return figures
@@ -455,6 +461,31 @@ def compare_cmd(
     err.print("wrote " + ", ".join(_shown(p) for p in paths))
 
 
+# -- looking at a run ---------------------------------------------------------------------------------------
+
+
+@app.command()
+def report(run: Path = RunArg,
+           output: Optional[Path] = typer.Option(None, "-o", "--output", help="The HTML file (RUN/report.html).")) -> None:
+    """Write one self-contained HTML page of the run: curves, codebook use, reconstructions, code grids,
+    samples and rate-distortion against PNG, JPEG and WebP (needs the `report` extra: matplotlib)."""
+    path = vqvae.write_report(Run(run), output)
+    err.print(f"wrote {_shown(path)}")
+
+
+@app.command()
+def serve(run: Path = RunArg,
+          port: int = typer.Option(8000, help="TCP port."),
+          host: str = typer.Option("127.0.0.1", help="Address to listen on (0.0.0.0: every interface; the page "
+                                                      "has no authentication).")) -> None:
+    """A local web page: draw or upload a digit, see its codes and reconstruction, edit codes, sample
+    (needs the `serve` extra: starlette, uvicorn)."""
+    r = Run(run)
+    r.model()  # a path that is not a run is one line here, before anything listens
+    err.print(f"serving {_shown(run)} on http://{host}:{port} (Ctrl-C stops)")
+    vqvae.run_server(r, host=host, port=port)
+
+
 # -- everything at once ------------------------------------------------------------------------------------
 
 DEMO_STEPS, DEMO_PRIOR_STEPS = 8000, 2000
@@ -505,6 +536,12 @@ def _demo(out_dir: Path, steps: int, prior_steps: int, seed: int) -> None:
     err.rule("4/4  compression of the 500 held-out digits")
     table = vqvae.compression_table(Run(out_dir), figures["psnr"], write=out_dir / Run.HELDOUT)
     _print_figures("bytes per held-out digit", table, False)
+
+    err.rule("report")
+    try:
+        report(out_dir, output=None)
+    except VQVAEError as e:  # e.g. matplotlib missing: the run itself is complete
+        err.print(f"no report: {_shown(e)}")
 
 
 def _demo_speech(out_dir: Path, steps: int, prior_steps: int, seed: int) -> None:

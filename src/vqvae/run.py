@@ -61,7 +61,7 @@ class Run:
     LOCK = ".lock"
     # every name a run directory can hold: what `foreign_entries` does not count and `clear` removes
     LAYOUT = frozenset({pretrained.CONFIG_NAME, pretrained.WEIGHTS_NAME, STATE, METRICS, RECON, SAMPLES, HELDOUT,
-                        BEST, "report.html", "codes", "prior", LOCK})
+                        BEST, "report.html", "codes", "prior", LOCK, "metrics.csv", "tensorboard"})
 
     def __init__(self, path: str | Path):
         self.path = Path(path)

@@ -54,6 +54,7 @@ from .config import ModelConfig, TrainConfig, from_dict, to_dict, write_atomical
 from .data import load_dataset
 from .devices import AUTOCAST, barrier, batch_share, init_distributed, pick_device, world
 from .errors import ConfigError, RunError
+from .logs import metric_sinks
 from .evaluate import encode_dataset, evaluate_autoencoder, integer_prior_figures, likelihood, prior_figures
 from .heldout import EVAL_SIZE, HeldOut, autoencoder_heldout, prior_heldout, save_weights
 from .models import build_model
@@ -184,6 +185,7 @@ class Trainer:
     identity: dict = field(default_factory=dict)
     objective: torch.nn.Module | None = None
     heldout: HeldOut | None = None
+    sinks: list = field(default_factory=list)  # callables given each logged record too (`logs.metric_sinks`)
     step: int = 0
     elapsed: float = 0.0
 
@@ -378,6 +380,8 @@ class Trainer:
                         if log is not None:
                             log.write(json.dumps(record) + "\n")
                             log.flush()
+                            for sink in self.sinks:
+                                sink(record)
                         live = self.fmt(last)
                     if self._evaluation_due():
                         heldout_live = self._evaluate(log) if self.rank == 0 else ""
@@ -450,9 +454,10 @@ def holding_run_lock(owner: str):
 
 # -- autoencoders --------------------------------------------------------------------------------------
 def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: str | Path, resume: bool = False,
-                      show_progress: bool = True, console: Console | None = None) -> dict:
+                      show_progress: bool = True, console: Console | None = None, log: tuple[str, ...] = ()) -> dict:
     """Train the model `model_cfg.model` names (models.py) on `train_cfg.data` into run directory `out_dir`;
-    returns held-out metrics (`evaluate_autoencoder`).
+    returns held-out metrics (`evaluate_autoencoder`). `log`: metric sinks besides metrics.jsonl
+    (`logs.metric_sinks`: "csv", "tensorboard").
 
     With `resume`, the model, optimizer and budget continue from the run's last checkpoint (the run's own
     `config.json` wins over the arguments, so a resumed run is the same run). The device and the dataset
@@ -461,6 +466,7 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
     out_dir = Path(out_dir)
     run = Run(out_dir)
     console = console or Console(stderr=True)
+    sinks = metric_sinks(log, run.metrics_path)  # called on rank 0 alone, by the Trainer
     if resume:
         model_cfg, train_cfg = run.section("model", ModelConfig), run.section("train", TrainConfig)
     device = init_distributed(pick_device(train_cfg.device))
@@ -526,7 +532,7 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
             if train_cfg.eval_every else None
         trainer = Trainer(model, train_cfg, out_dir, next_batch, loss_fn, lambda d: model.save_pretrained(d, extra),
                           fmt=fmt, show_progress=show_progress, console=console,
-                          identity={"run": run_id} if run_id else {}, heldout=heldout)
+                          identity={"run": run_id} if run_id else {}, heldout=heldout, sinks=sinks)
         if resume:
             trainer.resume()
         elif rank == 0:
@@ -620,7 +626,7 @@ class PriorObjective(torch.nn.Module):
 @holding_run_lock("vqvae prior")
 def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConfig, shifts: int = 1,
                 resume: bool = False, force: bool = False, show_progress: bool = True,
-                console: Console | None = None) -> dict:
+                console: Console | None = None, log: tuple[str, ...] = ()) -> dict:
     """Fit an autoregressive prior to the run's codes into RUN/prior/, and its integer model (what the range
     coder uses) into RUN/prior/integer/; returns held-out figures.
 
@@ -628,7 +634,8 @@ def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConf
     uniform_bits_per_latent (log2 K), nll_bits_per_image, bits_per_dim, plus the prior config (and with
     `eval_every`, the best held-out evaluation and any overfit warning). With `force`, an existing prior
     is deleted only once the new one's codes and config are known to be good. The run directory is locked
-    meanwhile. The training codes stay memory-mapped: each step reads its batch's grids.
+    meanwhile. The training codes stay memory-mapped: each step reads its batch's grids. `log`: metric
+    sinks besides metrics.jsonl, as for autoencoders.
 
     Several processes (`torchrun --nproc-per-node N -m vqvae prior RUN`): DistributedDataParallel as for
     the autoencoder (each rank its B/N slice of the global batch); rank 0 writes the code cache, the prior
@@ -639,6 +646,7 @@ def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConf
     run = Run(run)
     device = init_distributed(pick_device(train_cfg.device))
     rank, _ = world()
+    sinks = metric_sinks(log, run.prior_dir / METRICS_NAME, "prior") if rank == 0 else []
     model = run.model(device)
     codes = cached_codes(run, model, shifts)
     out_dir = run.prior_dir
@@ -682,7 +690,8 @@ def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConf
     trainer = Trainer(prior, train_cfg, out_dir, next_batch, loss_fn, save, name="prior",
                       fmt=lambda m: f"train {m['bits_per_latent']:.3f} bits/latent",
                       show_progress=show_progress, console=console or Console(stderr=True),
-                      identity={"codes": codes_key(model, shifts)}, objective=PriorObjective(prior), heldout=heldout)
+                      identity={"codes": codes_key(model, shifts)}, objective=PriorObjective(prior), heldout=heldout,
+                      sinks=sinks)
     if resume:
         trainer.resume()
     elif rank == 0:
