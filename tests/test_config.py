@@ -59,6 +59,8 @@ BAD = [
     (PriorConfig, {"dropout": 1.0}, "dropout", "in [0, 1)"),
     (PriorConfig, {"dropout": "0.1"}, "dropout", "in [0, 1)"),
     (PriorConfig, {"dilated": 1}, "dilated", "true or false"),
+    (PriorConfig, {"stages": 65}, "stages", "in 0..64"),
+    (PriorConfig, {"stages": -1}, "stages", "in 0..64"),
     (TrainConfig, {"steps": 0}, "steps", "at least 1"),
     (TrainConfig, {"max_seconds": -1.0}, "max_seconds", ">= 0 (0: no limit)"),
     (TrainConfig, {"batch_size": 0}, "batch_size", "at least 1"),
