@@ -69,10 +69,12 @@ _kernel = None  # the compiled module; False once it failed to build
 
 
 def kernel_name() -> str:
-    """The name the compiled kernel is cached under: "vqvae_quantizer_" + a hash of the C++ source, this
-    Python environment (sys.prefix), the Python and torch versions."""
+    """The name the compiled kernel is cached under: "vqvae_quantizer_" + a hash of the C++ source, its
+    path, this Python environment (sys.prefix), the Python and torch versions. The build records the
+    source's path, so two checkouts of one version (one environment, several worktrees) need two names, or
+    each would rebuild the other's kernel on every first use."""
     key = hashlib.sha256(KERNEL_SOURCE.read_bytes())
-    for part in (sys.prefix, sys.version, torch.__version__):
+    for part in (str(KERNEL_SOURCE.resolve()), sys.prefix, sys.version, torch.__version__):
         key.update(b"\0" + part.encode())
     return f"vqvae_quantizer_{key.hexdigest()[:12]}"
 
