@@ -135,3 +135,81 @@ def test_encode_dataset_refuses_models_without_one_code_grid():
         with pytest.raises(RunError, match=needle):
             encode_dataset(family_member(name), torch.rand(2, 1, 28, 28))
     assert encode_dataset(family_member("rvq"), torch.rand(2, 1, 28, 28)).shape == (2, 3, 7, 7)
+
+
+# -- residual VQ and class-conditional samples ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_rvq_run(tmp_path_factory):
+    """A 20-step residual-VQ run (3 stages of 7x7 codes) with a 10-step staged class-conditional prior."""
+    from dataclasses import replace
+
+    from rich.console import Console
+
+    from conftest import TINY_MODEL, TINY_PRIOR
+    from vqvae.config import TrainConfig
+    from vqvae.train import train_autoencoder, train_prior
+
+    path, quiet = tmp_path_factory.mktemp("tiny_rvq"), Console(quiet=True)
+    cfg = replace(TINY_MODEL, quantizer=replace(TINY_MODEL.quantizer, kind="rvq", stages=3))
+    train_autoencoder(cfg, TrainConfig(data="mnist", steps=20, batch_size=16, log_every=10), path,
+                      show_progress=False, console=quiet)
+    train_prior(path, TINY_PRIOR, TrainConfig(data="codes", steps=10, batch_size=16, warmup_steps=2), shifts=0,
+                show_progress=False, console=quiet)
+    return path
+
+
+def test_evaluate_run_gives_a_staged_prior_its_figures(tiny_rvq_run):
+    run = Run(tiny_rvq_run)
+    prior = run.prior()
+    assert prior.cfg.stages == 3 and prior.code_shape == (3, 7, 7)
+    figures = evaluate_run(run, samples_per_class=0)
+    assert {"nll_bits_per_latent", "uniform_bits_per_latent", "bits_per_dim"} <= set(figures)
+    assert "sample_class_accuracy" not in figures  # 0 samples per class: no classifier
+    codes = encode_dataset(run.model(), run.dataset().test)
+    # bits per latent: the prior's bits of the test codes over all S * L = 147 latents of an image
+    assert figures["nll_bits_per_latent"] == pytest.approx(float(prior_bits(prior, codes).mean()) / 147)
+
+
+def test_class_sample_figures_of_a_conditional_prior(tiny_run):
+    from vqvae.evaluate import class_accuracy, train_classifier
+
+    run = Run(tiny_run)
+    figures = evaluate_run(run, samples_per_class=3)
+    keys = ("sample_class_accuracy", "real_class_accuracy", "sample_class_ratio")
+    assert all(k in figures for k in keys) and figures["class_samples"] == 30
+    assert 0 <= figures["sample_class_accuracy"] <= 1 and 0 <= figures["real_class_accuracy"] <= 1
+    assert figures["sample_class_ratio"] == pytest.approx(figures["sample_class_accuracy"]
+                                                          / figures["real_class_accuracy"])
+    per_class = figures["sample_class_accuracy_per_class"]
+    assert len(per_class) == 10 and all(a in {0, 1 / 3, 2 / 3, 1} or a in (0.3333, 0.6667) for a in per_class)
+    # 3 samples of every class: the overall accuracy is the mean of the per-class ones
+    assert figures["sample_class_accuracy"] == pytest.approx(sum(per_class) / 10, abs=1e-4)
+    # the real accuracy is the share of held-out digits whose argmax is their label, counted here
+    data = run.dataset()
+    classifier = train_classifier(data.train, data.train_labels, 10)  # same seed: the same classifier
+    right = int((classifier(data.test).argmax(1) == data.test_labels).sum())
+    assert figures["real_class_accuracy"] == right / len(data.test)
+    assert figures["real_class_accuracy_per_class"][3] == pytest.approx(
+        int(((classifier(data.test).argmax(1) == 3) & (data.test_labels == 3)).sum()) / int((data.test_labels == 3).sum()),
+        abs=1e-4)
+    with pytest.raises(Exception, match="samples_per_class"):
+        evaluate_run(run, samples_per_class=-1)
+    assert class_accuracy(classifier, data.test[:4], data.test_labels[:4], 10)[0] in {0, 0.25, 0.5, 0.75, 1}
+
+
+def test_class_accuracy_counts_by_hand():
+    from vqvae.evaluate import class_accuracy
+
+    class Lookup(torch.nn.Module):  # predicts the class written in the image's first pixel
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), 3).float()
+
+    predicted, labels = torch.tensor([0, 1, 2, 2, 1, 0]), torch.tensor([0, 1, 1, 2, 2, 0])
+    images = predicted.float().view(6, 1, 1, 1).expand(6, 1, 2, 2)
+    overall, per_class = class_accuracy(Lookup(), images, labels, 3, batch_size=4)
+    assert overall == 4 / 6 and per_class == [1.0, 0.5, 0.5]
