@@ -1,5 +1,7 @@
 """What a trained run is worth: reconstruction figures, bits per dimension, the compression table, the
-reconstruction grid. Functions a Python user calls; `vqvae eval`, `train`, `prior` and `demo` print them.
+reconstruction grid, and whether a class-conditional prior's samples read as their class (a small
+classifier trained on the training images reads them). Functions a Python user calls; `vqvae eval`,
+`train`, `prior` and `demo` print them.
 
 Images are float tensors (N, C, H, W) in [0, 1] of any size (the model pads and crops); code grids are
 integer tensors (N, *S').
