@@ -3,6 +3,7 @@ import math
 import pytest
 import torch
 
+from vqvae.errors import ConfigError
 from vqvae.evaluate import (bits_figures, compression_table, encode_dataset, evaluate_autoencoder, evaluate_run,
                             likelihood, prior_figures, uniform_bits_per_image)
 from vqvae.metrics import psnr
@@ -41,8 +42,14 @@ def test_prior_figures_and_likelihood(tiny_run):
     assert bpd["bits_per_dim"] > figures["nll_bits_per_image"] / 784
 
 
-def test_evaluate_run_has_every_figure(tiny_run):
-    figures = evaluate_run(Run(tiny_run))
+@pytest.fixture(scope="module")
+def tiny_figures(tiny_run):
+    """evaluate_run of the tiny run (class-conditional prior), 3 samples of each class."""
+    return evaluate_run(Run(tiny_run), samples_per_class=3)
+
+
+def test_evaluate_run_has_every_figure(tiny_run, tiny_figures):
+    figures = tiny_figures
     assert {"psnr", "ssim", "mse", "perplexity", "codes_used", "nll_bits_per_latent", "integer_bits_per_latent",
             "bits_per_dim", "uniform_bits_per_dim"} <= set(figures)
     assert figures["bits_per_dim"] < figures["uniform_bits_per_dim"]  # the learned prior beats log2 K per code
@@ -135,3 +142,85 @@ def test_encode_dataset_refuses_models_without_one_code_grid():
         with pytest.raises(RunError, match=needle):
             encode_dataset(family_member(name), torch.rand(2, 1, 28, 28))
     assert encode_dataset(family_member("rvq"), torch.rand(2, 1, 28, 28)).shape == (2, 3, 7, 7)
+
+
+# -- residual VQ and class-conditional samples ------------------------------------------------------------
+
+@pytest.fixture(scope="module")
+def tiny_rvq_run(tmp_path_factory):
+    """A 20-step residual-VQ run (3 stages of 7x7 codes) with a 10-step staged prior, on 400 unlabeled
+    digits (40 held out: the integer prior's figures stay cheap)."""
+    from dataclasses import replace
+
+    import numpy as np
+    from rich.console import Console
+
+    from conftest import TINY_MODEL, TINY_PRIOR
+    from vqvae.config import TrainConfig
+    from vqvae.data import load_dataset
+    from vqvae.train import train_autoencoder, train_prior
+
+    path, quiet = tmp_path_factory.mktemp("tiny_rvq"), Console(quiet=True)
+    digits = path / "digits.npy"
+    np.save(digits, (load_dataset("mnist").train[:400, 0] * 255).round().to(torch.uint8).numpy())
+    cfg = replace(TINY_MODEL, quantizer=replace(TINY_MODEL.quantizer, kind="rvq", stages=3))
+    train_autoencoder(cfg, TrainConfig(data=f"npy:{digits}", steps=20, batch_size=16, log_every=10), path / "run",
+                      show_progress=False, console=quiet)
+    train_prior(path / "run", TINY_PRIOR, TrainConfig(data="codes", steps=10, batch_size=16, warmup_steps=2),
+                shifts=0, show_progress=False, console=quiet)
+    return path / "run"
+
+
+def test_evaluate_run_gives_a_staged_prior_its_figures(tiny_rvq_run):
+    run = Run(tiny_rvq_run)
+    prior = run.prior()
+    assert prior.cfg.stages == 3 and prior.code_shape == (3, 7, 7)
+    figures = evaluate_run(run)
+    assert {"nll_bits_per_latent", "uniform_bits_per_latent", "integer_bits_per_latent", "bits_per_dim"} <= set(figures)
+    assert "sample_class_accuracy" not in figures  # an unconditional prior: no class figures
+    codes = encode_dataset(run.model(), run.dataset().test)
+    # bits per latent: the prior's bits of the test codes over all S * L = 147 latents of an image
+    assert figures["nll_bits_per_latent"] == pytest.approx(float(prior_bits(prior, codes.long()).mean()) / 147)
+
+
+def test_class_sample_figures_of_a_conditional_prior(tiny_run, tiny_figures):
+    from vqvae.evaluate import class_accuracy, train_classifier
+
+    run, figures = Run(tiny_run), tiny_figures
+    keys = ("sample_class_accuracy", "real_class_accuracy", "sample_class_ratio")
+    assert all(k in figures for k in keys) and figures["class_samples"] == 30
+    assert 0 <= figures["sample_class_accuracy"] <= 1 and 0 <= figures["real_class_accuracy"] <= 1
+    assert figures["sample_class_ratio"] == pytest.approx(figures["sample_class_accuracy"]
+                                                          / figures["real_class_accuracy"])
+    per_class = figures["sample_class_accuracy_per_class"]
+    assert len(per_class) == 10 and all(a in (0, 0.3333, 0.6667, 1) for a in per_class)  # k of 3, 4 decimals
+    # 3 samples of every class: the overall accuracy is the mean of the per-class ones
+    assert figures["sample_class_accuracy"] == pytest.approx(sum(per_class) / 10, abs=1e-4)
+    # the real accuracy is the share of held-out digits whose argmax is their label, counted here
+    data = run.dataset()
+    classifier = train_classifier(data.train, data.train_labels, 10)  # same seed: the same classifier
+    right = int((classifier(data.test).argmax(1) == data.test_labels).sum())
+    assert figures["real_class_accuracy"] == right / len(data.test)
+    assert figures["real_class_accuracy_per_class"][3] == pytest.approx(
+        int(((classifier(data.test).argmax(1) == 3) & (data.test_labels == 3)).sum()) / int((data.test_labels == 3).sum()),
+        abs=1e-4)
+    with pytest.raises(ConfigError, match="samples_per_class"):
+        evaluate_run(run, samples_per_class=-1)
+    assert class_accuracy(classifier, data.test[:4], data.test_labels[:4], 10)[0] in {0, 0.25, 0.5, 0.75, 1}
+
+
+def test_class_accuracy_counts_by_hand():
+    from vqvae.evaluate import class_accuracy
+
+    class Lookup(torch.nn.Module):  # predicts the class written in the image's first pixel
+        def __init__(self):
+            super().__init__()
+            self.w = torch.nn.Parameter(torch.zeros(1))
+
+        def forward(self, x):
+            return torch.nn.functional.one_hot(x[:, 0, 0, 0].long(), 3).float()
+
+    predicted, labels = torch.tensor([0, 1, 2, 2, 1, 0]), torch.tensor([0, 1, 1, 2, 2, 0])
+    images = predicted.float().view(6, 1, 1, 1).expand(6, 1, 2, 2)
+    overall, per_class = class_accuracy(Lookup(), images, labels, 3, batch_size=4)
+    assert overall == 4 / 6 and per_class == [1.0, 0.5, 0.5]

@@ -227,11 +227,16 @@ def shards(folder: Path = typer.Argument(..., help="A folder of PNG/JPEG images 
 def evaluate(run: Path = RunArg,
              data: Optional[str] = typer.Option(None, help="Evaluate on this dataset URI's held-out split "
                                                            "instead of the run's own."),
-             as_json: bool = typer.Option(False, "--json", help="Print one JSON object.")) -> None:
+             as_json: bool = typer.Option(False, "--json", help="Print one JSON object."),
+             class_samples: int = typer.Option(20, "--class-samples", min=0,
+                                               help="Prior samples of each class that a classifier trained on "
+                                                    "the training images reads (class-conditional priors; "
+                                                    "0: skip).")) -> None:
     """Held-out PSNR, SSIM, MSE, bits per dimension (the VAE's ELBO; the uniform prior's for models with
     codes), perplexity and codebook usage; with a prior, its bits (float and integer models) and bits per
-    dimension."""
-    figures = vqvae.evaluate_run(Run(run), data)
+    dimension; with a class-conditional prior, how often a classifier recognises its samples' classes next to
+    real held-out images' (sample_class_accuracy, real_class_accuracy, sample_class_ratio)."""
+    figures = vqvae.evaluate_run(Run(run), data, samples_per_class=class_samples)
     _print_figures(f"held-out figures of {run}" + (f" on {data}" if data else ""), figures, as_json)
 
 

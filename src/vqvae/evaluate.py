@@ -1,5 +1,7 @@
 """What a trained run is worth: reconstruction figures, bits per dimension, the compression table, the
-reconstruction grid. Functions a Python user calls; `vqvae eval`, `train`, `prior` and `demo` print them.
+reconstruction grid, and whether a class-conditional prior's samples read as their class (a small
+classifier trained on the training images reads them). Functions a Python user calls; `vqvae eval`,
+`train`, `prior` and `demo` print them.
 
 Images are float tensors (N, C, H, W) in [0, 1] of any size (the model pads and crops); code grids are
 integer tensors (N, *S').
@@ -12,7 +14,7 @@ from pathlib import Path
 
 import torch
 
-from .errors import RunError
+from .errors import ConfigError, RunError
 from .metrics import bits_per_dim, code_histogram, codes_used, fit_log_scale, perplexity, psnr, ssim
 from .nets import eval_mode
 
@@ -195,13 +197,18 @@ def integer_prior_figures(integer_prior, codes: torch.Tensor) -> dict:
     return {"integer_bits_per_latent": float(bits.mean()) / integer_prior.seq_len}
 
 
-def evaluate_run(run, data: str | None = None) -> dict:
+def evaluate_run(run, data: str | None = None, samples_per_class: int = 20) -> dict:
     """Every figure of a run on its held-out split (or on the held-out split of dataset URI `data`):
     evaluate_autoencoder's (bits per dimension included, the decoder's scale fitted on the same dataset's
     training split), and with a prior its held-out bits per latent (float and integer models) and
-    bits_per_dim. Images of another channel count are converted (gray <-> RGB) as `reconstruct` does."""
+    bits_per_dim. Images of another channel count are converted (gray <-> RGB) as `reconstruct` does.
+
+    A class-conditional prior whose classes are the dataset's also gets `class_sample_figures` with
+    `samples_per_class` samples of each class (0: none of these figures)."""
     from .data import to_channels
 
+    if samples_per_class < 0:
+        raise ConfigError(f"samples_per_class must be >= 0, got {samples_per_class}")
     model, dataset = run.model(), run.dataset(data)
     channels = model.cfg.in_channels
     dataset.train, dataset.test = to_channels(dataset.train, channels), to_channels(dataset.test, channels)
@@ -209,13 +216,82 @@ def evaluate_run(run, data: str | None = None) -> dict:
     if run.has_prior() and model.discrete and not hasattr(model, "top_quantizer"):  # one code grid per image
         prior = run.prior()
         codes = encode_dataset(model, dataset.test)
-        if tuple(codes.shape[1:]) == prior.cfg.grid:
+        if tuple(codes.shape[1:]) == tuple(prior.code_shape):  # residual VQ: (S, *grid)
             figures.update({k: v for k, v in prior_figures(prior, {"test": codes}).items()
                             if k in ("nll_bits_per_latent", "uniform_bits_per_latent")})
             if run.has_integer_prior():
                 figures.update(integer_prior_figures(run.integer_prior(), codes))
             figures.update(likelihood(model, prior, dataset.train, dataset.test))
+            classes = prior.cfg.num_classes
+            if samples_per_class and classes and dataset.num_classes == classes and dataset.test_labels is not None:
+                figures.update(class_sample_figures(model, prior, dataset, samples_per_class))
     return figures
+
+
+# -- class-conditional samples read by a classifier --------------------------------------------------------
+
+def train_classifier(images: torch.Tensor, labels: torch.Tensor, num_classes: int, steps: int = 400,
+                     batch_size: int = 64, seed: int = 0) -> torch.nn.Module:
+    """A small CNN fitted to training images (N, C, H, W) in [0, 1] with int64 labels (N,) in
+    0..num_classes-1: `steps` Adam steps on batches drawn with `seed` (the weights' initialisation too, the
+    global random state untouched), so the same inputs give the same classifier. Returns it in eval mode on
+    the images' device; it maps images (B, C, H, W) of any size to logits (B, num_classes)."""
+    from torch import nn
+
+    device, C = images.device, images.shape[1]
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        net = nn.Sequential(nn.Conv2d(C, 16, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                            nn.Conv2d(16, 32, 3, padding=1), nn.ReLU(), nn.MaxPool2d(2),
+                            nn.AdaptiveAvgPool2d(4), nn.Flatten(), nn.Linear(32 * 16, num_classes)).to(device)
+    generator = torch.Generator().manual_seed(seed)
+    optimizer = torch.optim.Adam(net.parameters(), lr=3e-3)
+    for _ in range(steps):
+        i = torch.randint(len(images), (batch_size,), generator=generator).to(device)
+        loss = torch.nn.functional.cross_entropy(net(images[i]), labels[i].to(device))
+        optimizer.zero_grad()
+        loss.backward()
+        optimizer.step()
+    return net.eval()
+
+
+@torch.no_grad()
+def class_accuracy(classifier, images: torch.Tensor, labels: torch.Tensor, num_classes: int,
+                   batch_size: int = 500) -> tuple[float, list[float]]:
+    """The share of images (N, C, H, W) whose argmax logit is their label (N,), and that share within each
+    class 0..num_classes-1 (nan for a class without images)."""
+    device = next(classifier.parameters()).device
+    predicted = torch.cat([classifier(images[i:i + batch_size].to(device)).argmax(1).cpu()
+                           for i in range(0, len(images), batch_size)])
+    labels = labels.cpu().long()
+    right = (predicted == labels).double()
+    per_class = [float(right[labels == y].mean()) if bool((labels == y).any()) else float("nan")
+                 for y in range(num_classes)]
+    return float(right.mean()), per_class
+
+
+def class_sample_figures(model, prior, dataset, samples_per_class: int = 20, temperature: float = 1.0,
+                         seed: int = 0) -> dict:
+    """Do a class-conditional prior's samples read as their class? A classifier (`train_classifier`) fitted
+    to dataset.train's images and labels (in the model's channels) reads `samples_per_class` decoded prior
+    samples of each class (`report.sample_images` at `temperature`, seeded by `seed`) and the held-out
+    images: sample_class_accuracy, real_class_accuracy, their ratio sample_class_ratio (1: samples read as
+    well as real digits), and per class lists (4 decimals) sample_class_accuracy_per_class and
+    real_class_accuracy_per_class."""
+    from .report import sample_images
+
+    Y = prior.cfg.num_classes
+    classifier = train_classifier(dataset.train.to(model.device), dataset.train_labels, Y, seed=seed)
+    with eval_mode(model), torch.no_grad():
+        samples, per_row = sample_images(model, prior, samples_per_class * Y, temperature=temperature, seed=seed)
+    sample_labels = torch.arange(Y).repeat_interleave(per_row)
+    sample_acc, sample_per_class = class_accuracy(classifier, samples, sample_labels, Y)
+    real_acc, real_per_class = class_accuracy(classifier, dataset.test, dataset.test_labels, Y)
+    return {"sample_class_accuracy": sample_acc, "real_class_accuracy": real_acc,
+            "sample_class_ratio": sample_acc / real_acc if real_acc else float("nan"),
+            "class_samples": samples_per_class * Y,
+            "sample_class_accuracy_per_class": [round(a, 4) for a in sample_per_class],
+            "real_class_accuracy_per_class": [round(a, 4) for a in real_per_class]}
 
 
 def compression_table(run, model_psnr: float, write: Path | None = None, single_files: int = 50) -> dict:
