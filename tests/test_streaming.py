@@ -344,3 +344,12 @@ def test_training_resumed_after_a_crash_equals_an_uninterrupted_run(tmp_path, mo
     train_autoencoder(model, cfg, tmp_path / "crashed", resume=True, show_progress=False, console=quiet)
     a, b = Run(tmp_path / "straight").model().state_dict(), Run(tmp_path / "crashed").model().state_dict()
     assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+
+
+def test_train_rows_decode_only_those_rows_and_equal_the_whole_split(tmp_path):
+    _mixed_folder(tmp_path, 24)
+    data = load_dataset(f"folder:{tmp_path}", image_size=16, workers=0)
+    rows = data.train_rows(3, 9)
+    assert data._train is None and data.num_train == len(data.stream.train)  # nothing else was decoded
+    assert torch.equal(rows, data.train[3:9]) and len(rows) == 6  # .train decodes the whole split
+    assert torch.equal(data.train_rows(0, 1000), data.train)  # past the end: the rows there are

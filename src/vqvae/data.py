@@ -74,6 +74,14 @@ class Dataset:
     def image_size(self) -> tuple[int, ...]:
         return tuple(self.train.shape[2:])  # (H, W); (T,) for sound
 
+    @property
+    def num_train(self) -> int:
+        return len(self.train)
+
+    def train_rows(self, start: int, stop: int) -> torch.Tensor:
+        """Training images start .. stop-1, (n, C, *S) (a streamed dataset decodes only these)."""
+        return self.train[start:stop]
+
 
 def load_dataset(uri: str, seed: int = 0, crop: int = 32, image_size: int = 0, skip_bad_files: bool = False,
                  workers: int = 4) -> Dataset:

@@ -211,8 +211,9 @@ def evaluate_run(run, data: str | None = None, samples_per_class: int = 20) -> d
         raise ConfigError(f"samples_per_class must be >= 0, got {samples_per_class}")
     model, dataset = run.model(), run.dataset(data)
     channels = model.cfg.in_channels
-    dataset.train, dataset.test = to_channels(dataset.train, channels), to_channels(dataset.test, channels)
-    figures = evaluate_autoencoder(model, dataset.test, train_images=dataset.train)
+    # The figures fit on at most 1,000 training images: a streamed dataset decodes only those.
+    train, dataset.test = to_channels(dataset.train_rows(0, 1000), channels), to_channels(dataset.test, channels)
+    figures = evaluate_autoencoder(model, dataset.test, train_images=train)
     if run.has_prior() and model.discrete and not hasattr(model, "top_quantizer"):  # one code grid per image
         prior = run.prior()
         codes = encode_dataset(model, dataset.test)
@@ -221,9 +222,10 @@ def evaluate_run(run, data: str | None = None, samples_per_class: int = 20) -> d
                             if k in ("nll_bits_per_latent", "uniform_bits_per_latent")})
             if run.has_integer_prior():
                 figures.update(integer_prior_figures(run.integer_prior(), codes))
-            figures.update(likelihood(model, prior, dataset.train, dataset.test))
+            figures.update(likelihood(model, prior, train, dataset.test))
             classes = prior.cfg.num_classes
             if samples_per_class and classes and dataset.num_classes == classes and dataset.test_labels is not None:
+                dataset.train = to_channels(dataset.train, channels)  # the classifier learns from all of it
                 figures.update(class_sample_figures(model, prior, dataset, samples_per_class))
     return figures
 

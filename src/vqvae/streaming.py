@@ -372,6 +372,15 @@ class StreamedDataset(Dataset):
     def image_size(self) -> tuple[int, int]:
         return self.stream.size
 
+    @property
+    def num_train(self) -> int:
+        return len(self.stream.train)
+
+    def train_rows(self, start: int, stop: int) -> torch.Tensor:
+        if self._train is not None:
+            return self._train[start:stop]
+        return self.stream.load(self.stream.train[start:stop], self._workers)
+
 
 # -- batches for the trainer -------------------------------------------------------------------------------
 def draw_batch(gen: torch.Generator, num_train: int, batch_size: int) -> tuple[torch.Tensor, torch.Tensor]:

@@ -527,7 +527,7 @@ def train_autoencoder(model_cfg: ModelConfig, train_cfg: TrainConfig, out_dir: s
                               *(form.format(m[k]) for k, form in extra.items() if k in m)])
 
         # A streamed dataset decodes only the training images the held-out comparison needs, not all of them.
-        train_sample = data.stream.load(data.stream.train[:EVAL_SIZE]) if hasattr(data, "stream") else data.train
+        train_sample = data.train_rows(0, EVAL_SIZE)
         heldout = autoencoder_heldout(model, train_sample, data.test, lambda: save_weights(model, run.best_path())) \
             if train_cfg.eval_every else None
         trainer = Trainer(model, train_cfg, out_dir, next_batch, loss_fn, lambda d: model.save_pretrained(d, extra),
@@ -597,11 +597,11 @@ def cached_codes(run: Run, model: VQVAE, shifts: int = 0, chunk: int = 500) -> d
 
         def chunks():
             for dy, dx in offsets:
-                for start in range(0, len(data.train), chunk):
-                    yield encode_dataset(model, shifted(data.train[start:start + chunk], dy, dx)).numpy()
+                for start in range(0, data.num_train, chunk):  # a streamed dataset decodes a chunk at a time
+                    yield encode_dataset(model, shifted(data.train_rows(start, start + chunk), dy, dx)).numpy()
 
         train_labels = None if data.train_labels is None else data.train_labels.repeat(len(offsets))
-        run.write_codes({"train": CodeChunks(len(offsets) * len(data.train), chunks()),
+        run.write_codes({"train": CodeChunks(len(offsets) * data.num_train, chunks()),
                          "test": encode_dataset(model, data.test), "train_labels": train_labels,
                          "test_labels": data.test_labels}, key)
     barrier()  # rank 0's cache is whole before the others read it
@@ -705,7 +705,7 @@ def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConf
     figures = prior_figures(prior, test)
     figures.update(integer_prior_figures(integer, test["test"]))
     data = run.dataset()
-    figures.update(likelihood(model, prior, data.train, data.test))
+    figures.update(likelihood(model, prior, data.train_rows(0, 1000), data.test))  # it fits on <= 1,000
     if heldout is not None:
         figures.update(heldout.summary())
     return figures
