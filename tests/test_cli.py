@@ -500,17 +500,19 @@ def test_family_train_eval_and_codes(tmp_path, images, capsys):
     code, out, _ = run(capsys, "eval", two, "--json")
     assert code == 0 and {"top_perplexity", "uniform_bits_per_dim"} <= set(json.loads(out))
 
-    for model_run in (vae, two):  # continuous latents, two grids: refused in one line; reconstruct works
-        code, _, err = run(capsys, "encode", model_run, *images, "-o", tmp_path / "c.npz")
-        assert code == 2 and model_run.name in err and err.strip().count("\n") == 0
-        code, _, _ = run(capsys, "reconstruct", model_run, images[1], "-o", tmp_path / f"{model_run.name}.png")
-        assert code == 0 and Image.open(tmp_path / f"{model_run.name}.png").size == (31, 29)
+    # continuous latents: refused in one line; reconstruct works
+    code, _, err = run(capsys, "encode", vae, *images, "-o", tmp_path / "c.npz")
+    assert code == 2 and vae.name in err and err.strip().count("\n") == 0
+    code, _, _ = run(capsys, "reconstruct", vae, images[1], "-o", tmp_path / "vae.png")
+    assert code == 0 and Image.open(tmp_path / "vae.png").size == (31, 29)
 
-    for model_run in (rvq, fsq, dvae):  # decode(encode(x)) is reconstruct(x), residual VQ's stage axis kept
+    # decode(encode(x)) is reconstruct(x), residual VQ's stage axis kept, the VQ-VAE-2's top grid beside
+    for model_run in (rvq, fsq, dvae, two):
         code, _, _ = run(capsys, "encode", model_run, *images, "-o", tmp_path / f"{model_run.name}.npz")
         assert code == 0
         with np.load(tmp_path / f"{model_run.name}.npz", allow_pickle=False) as f:
             assert f["codes_1"].shape == ((2, 8, 8) if model_run is rvq else (8, 8))
+            assert ("top_1" in f) == (model_run is two) and (model_run is not two or f["top_1"].shape == (4, 4))
         for command, source, target in (("decode", tmp_path / f"{model_run.name}.npz", "dec"),
                                         ("reconstruct", None, "rec")):
             args = [source] if source else images
@@ -518,6 +520,35 @@ def test_family_train_eval_and_codes(tmp_path, images, capsys):
         for path in images:
             assert np.array_equal(np.asarray(Image.open(tmp_path / model_run.name / "dec" / path.name)),
                                   np.asarray(Image.open(tmp_path / model_run.name / "rec" / path.name)))
+
+
+def test_vqvae2_prior_sample_and_compress(tmp_path, images, capsys):
+    """A VQ-VAE-2 run: its prior models the top grid then the bottom one; samples decode; a .vqz of digit-sized
+    images decodes to their reconstructions; another size is refused in one line."""
+    two = _train_tiny(tmp_path, "vqvae2", "--model", "vqvae2")
+    capsys.readouterr()
+    code, out, _ = run(capsys, "prior", two, "--steps", "10", "--json", *PRIOR_TINY)
+    assert code == 0
+    figures = json.loads(out)
+    assert figures["latents_per_image"] == 16 + 49 and 0 < figures["nll_bits_per_latent"] < 6
+    assert figures["integer_bits_per_latent"] == pytest.approx(figures["nll_bits_per_latent"], abs=0.05)
+    config = json.loads((two / "prior" / "config.json").read_text())
+    assert config["grid"] == [65] and config["levels"] == [[4, 4], [7, 7]]
+    assert np.load(two / "codes" / "test.npy").shape == (500, 65)
+    code, _, _ = run(capsys, "sample", two, "-n", "10", "-o", tmp_path / "s.png", "--seed", "1")
+    assert code == 0 and Image.open(tmp_path / "s.png").size == (58 + 2, 10 * 58 + 2)
+    code, out, _ = run(capsys, "eval", two, "--json", "--class-samples", "0")
+    assert code == 0 and 0 < json.loads(out)["bits_per_dim"] < 8
+    digits = images[:1] + [tmp_path / "d1.png"]
+    Image.fromarray(np.random.default_rng(1).integers(0, 256, (27, 26), dtype=np.uint8)).save(digits[1])
+    assert run(capsys, "compress", two, *digits, "-o", tmp_path / "two.vqz")[0] == 0
+    assert run(capsys, "decompress", two, tmp_path / "two.vqz", "-o", tmp_path / "dec")[0] == 0
+    assert run(capsys, "reconstruct", two, *digits, "-o", tmp_path / "rec")[0] == 0
+    for i, path in enumerate(digits):
+        assert np.array_equal(np.asarray(Image.open(tmp_path / "dec" / f"{i:05d}.png")),
+                              np.asarray(Image.open(tmp_path / "rec" / path.name)))
+    code, _, err = run(capsys, "compress", two, images[1], "-o", tmp_path / "big.vqz")
+    assert code == 2 and "code grids" in err and err.strip().count("\n") == 0
 
 
 def test_family_options_are_checked(tmp_path, capsys):

@@ -1,4 +1,5 @@
-"""The codec for every discrete member of the family: residual VQ (stages, operating points), FSQ, dVAE."""
+"""The codec for every discrete member of the family: residual VQ (stages, operating points), FSQ, dVAE,
+VQ-VAE-2 (top and bottom grids as one sequence)."""
 
 import pytest
 import torch
@@ -114,8 +115,55 @@ def test_stage_errors(one_thread, rvq):
         decompress(tiny_variant("fsq"), iprior, data)
 
 
-def test_hierarchical_models_are_refused_clearly(one_thread):
-    q = QuantizerConfig(codebook_size=K, code_dim=4, dead_code_steps=0)
-    model = VQVAE2(ModelConfig(hidden=8, res_hidden=4, res_blocks=1, quantizer=q, model="vqvae2")).eval()
-    with pytest.raises(CodecError, match="not of a VQVAE2"):
+def tiny_vqvae2(kind="ema", **quantizer):
+    torch.manual_seed(0)
+    q = QuantizerConfig(codebook_size=K, code_dim=4, kind=kind, kmeans_init=True, dead_code_steps=0, **quantizer)
+    model = VQVAE2(ModelConfig(hidden=8, res_hidden=4, res_blocks=1, quantizer=q, model="vqvae2"))
+    with torch.no_grad():
+        model.train()(torch.stack(blobs(16)))
+    return model.eval()
+
+
+def tiny_levels_iprior(levels=((4, 4), (7, 7)), num_classes=0, seed=1):
+    torch.manual_seed(seed)
+    cfg = PriorConfig(codebook_size=K, grid=(sum(h * w for h, w in levels),), levels=levels, num_classes=num_classes,
+                      n_layer=1, n_head=2, n_embd=16)
+    prior = TransformerPrior(cfg).eval()
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, K, (128, *prior.code_shape), generator=g)
+    cond = torch.randint(0, num_classes, (128,), generator=g) if num_classes else None
+    return IntegerPrior.from_prior(prior, codes, cond)
+
+
+@pytest.mark.parametrize("num_classes", [0, 3])
+def test_vqvae2_files_hold_both_grids_and_decode_to_the_reconstruction(one_thread, num_classes):
+    model, iprior = tiny_vqvae2(), tiny_levels_iprior(num_classes=num_classes)
+    images = blobs(3) + blobs(1, size=(27, 25), seed=4)  # 27x25 has the 28x28 grids: 7x7 bottom, 4x4 top
+    data, stats = compress(model, iprior, images)
+    assert read_header(data).version == VERSION
+    for x, coded, codes, y in zip(images, stats["codes"], decompress_codes(model, iprior, data),
+                                  decompress(model, iprior, data)):
+        with torch.no_grad():
+            encoded = model.encode(x[None])  # independent of the codec
+            reference = model.decode(encoded)[0]
+        expected = torch.cat([encoded.top[0].flatten(), encoded.bottom[0].flatten()])  # top first
+        assert torch.equal(codes, expected) and torch.equal(coded, expected)
+        assert y.shape == x.shape and same_pixels(y, reference)
+    # the bits are those of the integer prior over the whole sequence, top then bottom
+    if not num_classes:
+        seq = torch.stack(stats["codes"])  # (4, 65)
+        freq = iprior.frequencies(seq).gather(-1, seq[..., None])[..., 0]
+        assert stats["cross_entropy_bits"] == pytest.approx(float((24 - torch.log2(freq.double())).sum()), rel=1e-12)
+
+
+def test_vqvae2_files_refuse_other_grids_and_priors(one_thread):
+    model, iprior = tiny_vqvae2(), tiny_levels_iprior()
+    with pytest.raises(CodecError, match=r"image 0 is 32x32: its code grids \(\(4, 4\), \(8, 8\)\)"):
+        compress(model, iprior, blobs(1, size=(32, 32)))
+    with pytest.raises(CodecError, match="VQ-VAE-2 needs a prior over its top and bottom codes"):
         compress(model, tiny_iprior(), IMAGES[:1])
+    with pytest.raises(CodecError, match="prior models a VQ-VAE-2's two code grids"):
+        compress(tiny_variant("fsq"), iprior, IMAGES[:1])
+    rvq2 = tiny_vqvae2("rvq", stages=2)
+    with pytest.raises(CodecError, match="with residual-VQ quantizers"):
+        compress(rvq2, iprior, IMAGES[:1])

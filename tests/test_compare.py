@@ -54,17 +54,18 @@ def test_rows_hold_each_models_figures(compared):
     assert Run(out / "rvq").model().cfg.quantizer.stages == 2
 
 
-def test_a_prior_gives_learned_bits_and_vqz_files_to_single_grid_models(tmp_path):
-    # 8x8 digits: 2x2 code grids, so the prior and the codec are quick
-    rows = compare_models("digits", ["vqvae", "rvq"], tmp_path, steps=10, prior_steps=5, base=TINY,
+def test_a_prior_gives_learned_bits_and_vqz_files_to_models_with_codes(tmp_path):
+    # 8x8 digits: 2x2 code grids (a 1x1 top grid for the VQ-VAE-2), so the priors and the codec are quick
+    rows = compare_models("digits", ["vqvae", "rvq", "vqvae2", "ae"], tmp_path, steps=10, prior_steps=5, base=TINY,
                           train=TrainConfig(batch_size=16, log_every=5), console=QUIET, show_progress=False)
-    vq, rvq = rows
-    assert {"bits_per_dim", "nll_bits_per_latent", "integer_bits_per_latent", "vqz_bits_per_image"} <= set(vq)
-    assert not {"bits_per_dim", "vqz_bits_per_image"} & set(rvq)  # multi-stage codes: no prior here
-    assert Run(tmp_path / "vqvae").has_prior() and not Run(tmp_path / "rvq").has_prior()
-    # the .vqz file of the held-out split: its payload near the prior's bits per image, and far below the
-    # uniform prior's 4 x log2 16 bits per image plus the whole file's header spread over 180 images
-    assert 0 < vq["vqz_bits_per_image"] < 4 * 4 + 8
+    learned = {"bits_per_dim", "nll_bits_per_latent", "integer_bits_per_latent", "vqz_bits_per_image"}
+    for row in rows[:3]:
+        assert learned <= set(row) and Run(tmp_path / row["model"]).has_prior()
+    assert not learned & set(rows[3]) and not Run(tmp_path / "ae").has_prior()  # continuous latents: no prior
+    # a .vqz file of the held-out split: its payload near the prior's bits per image, and far below the
+    # uniform prior's positions x log2 16 bits per image plus the whole file's header spread over 180 images
+    for row, positions in zip(rows, (4, 2 * 4, 1 + 4)):
+        assert 0 < row["vqz_bits_per_image"] < positions * 4 + 8
 
 
 def test_outputs_agree_with_the_rows(compared, tmp_path):

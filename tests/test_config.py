@@ -52,6 +52,7 @@ BAD = [
     (PriorConfig, {"grid": "77"}, "grid", "1 or 2 positive integer sizes, e.g. [7, 7] or [32]"),
     (PriorConfig, {"grid": (7.5, 7)}, "grid", "1 or 2 positive integer sizes, e.g. [7, 7] or [32]"),
     (PriorConfig, {"num_classes": -1}, "num_classes", ">= 0"),
+    (PriorConfig, {"levels": 4}, "levels", "grids of 1 or 2 positive integer sizes, top first, e.g. [[4, 4], [7, 7]]"),
     (PriorConfig, {"n_layer": 0}, "n_layer", "at least 1"),
     (PriorConfig, {"n_head": 0}, "n_head", "at least 1"),
     (PriorConfig, {"n_embd": 130}, "n_embd", "a positive multiple of n_head=4"),
@@ -285,3 +286,19 @@ def test_prior_config_without_dilated_is_an_old_file_and_loads_undilated():
     assert from_dict(PriorConfig, {**old, "dilated": True}).dilated is True
     assert PriorConfig().dilated is True  # a prior made now is dilated
     assert from_dict(PriorConfig, old).grid == (7, 7)  # JSON lists come back as tuples
+
+
+@pytest.mark.parametrize("kwargs,needle", [
+    ({"levels": ((4, 4), (7, 0))}, "levels must be grids of 1 or 2 positive integer sizes"),
+    ({"levels": 4}, "levels must be grids of 1 or 2 positive integer sizes"),
+    ({"levels": ((65,),)}, "levels must be two or more grids"),
+    ({"levels": ((4, 4), (7, 7)), "arch": "pixelcnn"}, "levels must be two or more grids, for a transformer"),
+    ({"levels": ((4, 4), (7, 7)), "grid": (7, 7)}, r"grid must be \[65\]: the positions of all levels"),
+])
+def test_prior_levels_are_checked(kwargs, needle):
+    with pytest.raises(ConfigError, match=needle):
+        PriorConfig(**{"grid": (65,), **kwargs})
+    cfg = PriorConfig(grid=(65,), levels=[[4, 4], [7, 7]])  # JSON lists become tuples, and round-trip
+    assert cfg.levels == ((4, 4), (7, 7)) and from_dict(PriorConfig, to_dict(cfg)) == cfg
+    saved_before = {k: v for k, v in to_dict(PriorConfig()).items() if k != "levels"}  # a config.json from before
+    assert from_dict(PriorConfig, saved_before).levels == ()

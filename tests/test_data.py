@@ -308,6 +308,21 @@ def test_codes_file_round_trip_and_the_earlier_padding_format(tmp_path):
         load_codes(tmp_path / "c.npz", 16, 2, 8)
 
 
+def test_codes_files_of_a_vqvae2_hold_both_grids(tmp_path):
+    bottoms, tops = [torch.randint(0, 16, (7, 8)), torch.randint(0, 16, (3, 3))], [torch.randint(0, 16, (4, 4)),
+                                                                                     torch.randint(0, 16, (2, 2))]
+    save_codes(tmp_path / "c.npz", bottoms, [(25, 29), (12, 12)], ["a.png", "b.png"], 16, 1, tops=tops)
+    entries = load_codes(tmp_path / "c.npz", 16, 2, 4, top=True)
+    for (_, (top, bottom), _), t, b in zip(entries, tops, bottoms):
+        assert torch.equal(top, t) and torch.equal(bottom, b)
+    save_codes(tmp_path / "one.npz", bottoms, [(25, 29), (12, 12)], ["a.png", "b.png"], 16, 1)  # no top grids
+    with pytest.raises(DataError, match="top_0 is missing or not the top code grid"):
+        load_codes(tmp_path / "one.npz", 16, 2, 4, top=True)
+    save_codes(tmp_path / "bad.npz", bottoms, [(25, 29), (12, 12)], ["a.png", "b.png"], 16, 1, tops=tops[::-1])
+    with pytest.raises(DataError, match=r"top_0 .* \(4, 4\)"):
+        load_codes(tmp_path / "bad.npz", 16, 2, 4, top=True)
+
+
 def test_codes_files_of_residual_vq_keep_their_stage_axis(tmp_path):
     grids = [torch.randint(0, 16, (3, 7, 8)), torch.randint(0, 16, (1, 2, 3))]  # 3 stages, and the first only
     save_codes(tmp_path / "c.npz", grids, [(25, 29), (8, 12)], ["a.png", "b.png"], 16, 1)

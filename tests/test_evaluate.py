@@ -135,13 +135,18 @@ def test_vae_kl_figure_is_the_closed_form_on_a_hand_example(monkeypatch):
     assert figures["elbo_bits_per_dim"] == pytest.approx(float(direct.mean()), rel=1e-9)
 
 
-def test_encode_dataset_refuses_models_without_one_code_grid():
+def test_encode_dataset_refuses_models_without_codes():
     from vqvae.errors import RunError
 
-    for name, needle in (("ae", "continuous latents"), ("vae", "continuous latents"), ("vqvae2", "two code grids")):
-        with pytest.raises(RunError, match=needle):
+    for name in ("ae", "vae"):
+        with pytest.raises(RunError, match="continuous latents"):
             encode_dataset(family_member(name), torch.rand(2, 1, 28, 28))
     assert encode_dataset(family_member("rvq"), torch.rand(2, 1, 28, 28)).shape == (2, 3, 7, 7)
+    # a VQ-VAE-2's codes are one sequence: the top grid, then the bottom one
+    two, x = family_member("vqvae2"), torch.rand(2, 1, 28, 28)
+    encoded = two.encode(x)
+    expected = torch.cat([encoded.top.flatten(1), encoded.bottom.flatten(1)], 1)
+    assert torch.equal(encode_dataset(two, x).long(), expected) and expected.shape == (2, 16 + 49)
 
 
 # -- residual VQ and class-conditional samples ------------------------------------------------------------

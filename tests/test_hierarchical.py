@@ -76,3 +76,69 @@ def test_mismatched_grids_and_codes_are_refused():
         model.decode((top, bottom), (40, 28))
     with pytest.raises(ValueError, match="expected input"):
         model(torch.rand(1, 3, 28, 28))
+
+
+def tiny_levels_prior(levels=((4, 4), (7, 7)), K=16, seed=0):
+    from vqvae.config import PriorConfig
+    from vqvae.priors import TransformerPrior
+
+    torch.manual_seed(seed)
+    L = sum(h * w for h, w in levels)
+    return TransformerPrior(PriorConfig(codebook_size=K, grid=(L,), levels=levels, n_layer=2, n_head=2,
+                                        n_embd=16)).eval()
+
+
+def test_the_prior_sees_the_top_before_the_bottom():
+    """p(top) * p(bottom | top): the top positions' logits never depend on bottom codes, the bottom ones do
+    depend on the top codes."""
+    prior = tiny_levels_prior()
+    g = torch.Generator().manual_seed(0)
+    codes = torch.randint(0, 16, (4, 65), generator=g)
+    other_bottom, other_top = codes.clone(), codes.clone()
+    other_bottom[:, 16:] = torch.randint(0, 16, (4, 49), generator=g)
+    other_top[:, :16] = (codes[:, :16] + 1) % 16
+    with torch.no_grad():
+        base, b, t = (prior.logits(c) for c in (codes, other_bottom, other_top))  # (B, K, 65)
+    assert torch.equal(base[..., :16], b[..., :16])
+    assert not torch.allclose(base[..., 16:], t[..., 16:])
+
+
+def test_sampling_draws_the_top_grid_first_and_decodes_both():
+    from vqvae.report import sample_images
+
+    torch.manual_seed(0)
+    model, prior = VQVAE2(tiny()).eval(), tiny_levels_prior()
+    seen = []
+    decode = model.decode
+    model.decode = lambda codes, *a: seen.append(codes) or decode(codes, *a)
+    images, _ = sample_images(model, prior, 3, seed=5)
+    drawn = prior.sample(3, generator=torch.Generator().manual_seed(5))  # (3, 65), drawn position by position
+    (encoded,) = seen
+    assert isinstance(encoded, Encoded2) and encoded.size == (28, 28)
+    assert torch.equal(encoded.top, drawn[:, :16].view(3, 4, 4))  # the first 16 draws are the top grid
+    assert torch.equal(encoded.bottom, drawn[:, 16:].view(3, 7, 7))
+    assert images.shape == (3, 1, 28, 28) and torch.equal(images, decode(encoded))
+    # the top grid is a prefix: drawing only the top positions gives the same top codes
+    state, prev, top = prior.start(3), None, []
+    g = torch.Generator().manual_seed(5)
+    from vqvae.priors import sample_from_logits
+
+    for _ in range(16):
+        logits, state = prior.step(state, prev)
+        prev = sample_from_logits(logits, generator=g)
+        top.append(prev)
+    assert torch.equal(torch.stack(top, 1), drawn[:, :16])
+
+
+def test_sequence_round_trip_and_checks():
+    model = VQVAE2(tiny()).eval()
+    x = torch.rand(2, 1, 29, 27)
+    encoded = model.encode(x)
+    seq = model.sequence(encoded)
+    assert seq.shape == (2, 16 + 56) and model.levels((29, 27)) == ((4, 4), (8, 7))
+    back = model.from_sequence(seq, model.levels((29, 27)), (29, 27))
+    assert torch.equal(back.top, encoded.top) and torch.equal(back.bottom, encoded.bottom) and back.size == (29, 27)
+    with pytest.raises(ValueError, match=r"\(B, 65\)"):
+        model.from_sequence(seq, ((4, 4), (7, 7)))
+    with pytest.raises(ValueError, match="residual-VQ"):
+        VQVAE2(tiny(kind="rvq", stages=2)).eval().sequence(encoded)

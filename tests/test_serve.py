@@ -248,8 +248,10 @@ def test_cli_serve_binds_localhost_by_default(tiny_run, monkeypatch, capsys):
     from vqvae.cli import main
 
     calls = []
-    monkeypatch.setattr(vqvae, "run_server", lambda run, host, port: calls.append((run.path, host, port)))
+    monkeypatch.setattr(vqvae, "run_server",
+                        lambda run, host, port, announce: calls.append((run.path, host, port)) or announce())
     assert main(["serve", str(tiny_run)]) == 0
     assert calls == [(tiny_run, "127.0.0.1", 8000)]
+    assert "serving" in capsys.readouterr().err
     assert main(["serve", str(tiny_run / "nothing-here")]) == 2
     assert "nothing-here" in capsys.readouterr().err

@@ -255,17 +255,16 @@ def reconstruct(run: Path = RunArg, images: list[Path] = ImagesArg,
         err.print(f"wrote {_shown(target)}")
 
 
-def _one_grid_model(run: Path):
-    """The run's model if its codes are one integer grid per image (a residual VQ's with a stage axis), else a
-    one-line RunError: the AE and VAE have continuous latents, the VQ-VAE-2 two grids."""
+def _coded_model(run: Path):
+    """The run's model if it has integer codes (one grid per image, a residual VQ's with a stage axis, or a
+    VQ-VAE-2's two grids), else a one-line RunError: the AE and VAE have continuous latents."""
     model = Run(run).model()
-    kind = model.cfg.model
     if not model.discrete:
-        raise vqvae.RunError(f"{run}: a {kind!r} model has continuous latents, not integer codes; "
+        raise vqvae.RunError(f"{run}: a {model.cfg.model!r} model has continuous latents, not integer codes; "
                              "`vqvae reconstruct` encodes and decodes them")
-    if kind == "vqvae2":
-        raise vqvae.RunError(f"{run}: a 'vqvae2' model has two code grids per image, which codes files do not "
-                             "hold; `vqvae reconstruct` encodes and decodes them")
+    if hasattr(model, "levels") and model.code_stages:
+        raise vqvae.RunError(f"{run}: a 'vqvae2' model with residual-VQ quantizers has no codes files; "
+                             "`vqvae reconstruct` encodes and decodes its images")
     return model
 
 
@@ -274,13 +273,18 @@ def encode(run: Path = RunArg, images: list[Path] = ImagesArg,
            output: Path = typer.Option(..., "-o", "--output", help="The .npz file of codes to write."),
            force: bool = ForceOpt, max_pixels: int = MaxPixelsOpt) -> None:
     """Images -> integer code grids, saved as .npz (codes_0, codes_1, ... with names and sizes); residual VQ's
-    grids have a stage axis first. Models without one code grid (ae, vae, vqvae2) are refused."""
+    grids have a stage axis first; a vqvae2's bottom grids are codes_i and its top grids top_i. Models without
+    codes (ae, vae) are refused."""
     check_outputs([output], force)
-    model = _one_grid_model(run)
+    model = _coded_model(run)
     encoded = [model.encode(x[None]) for x in _load_inputs(images, model.cfg.in_channels, max_pixels, model.cfg.dims)]
-    vqvae.save_codes(output, [e.codes[0] for e in encoded], [e.size for e in encoded], [p.name for p in images],
-                     model.cfg.quantizer.codebook_size, model.cfg.in_channels)
-    shapes = ", ".join("x".join(map(str, e.codes.shape[1:])) for e in encoded)
+    two = hasattr(model, "levels")
+    bottoms = [e.bottom[0] if two else e.codes[0] for e in encoded]
+    vqvae.save_codes(output, bottoms, [e.size for e in encoded], [p.name for p in images],
+                     model.cfg.quantizer.codebook_size, model.cfg.in_channels,
+                     tops=[e.top[0] for e in encoded] if two else None)
+    shapes = ", ".join(("x".join(map(str, e.top.shape[1:])) + " + " if two else "") + "x".join(map(str, b.shape))
+                       for e, b in zip(encoded, bottoms))
     err.print(f"wrote {_shown(output)}: {len(encoded)} code grid(s) of {shapes}, "
               f"K={model.cfg.quantizer.codebook_size}")
 
@@ -294,14 +298,15 @@ def decode(run: Path = RunArg,
                                             "(x.png, x-2.png, ... where sources share a name)."),
            force: bool = ForceOpt) -> None:
     """Code grids (.npz from `vqvae encode`) -> images, at the encoded images' sizes."""
-    model = _one_grid_model(run)
+    model = _coded_model(run)
     entries = vqvae.load_codes(codes, model.cfg.quantizer.codebook_size, model.cfg.dims, model.cfg.downsample,
-                               stages=getattr(model.quantizer, "num_stages", 0))
+                               stages=getattr(model.quantizer, "num_stages", 0), top=hasattr(model, "levels"))
     names = [name for name, _, _ in entries]
     targets = output_paths(names, output, ".wav" if model.cfg.dims == 1 else ".png", unique=True)
     check_outputs(targets, force, sources=names)
     for (name, grid, size), target in zip(entries, targets):
-        _save_output(model.decode(grid[None], size)[0], target)
+        batch = tuple(g[None] for g in grid) if isinstance(grid, tuple) else grid[None]  # VQ-VAE-2: (top, bottom)
+        _save_output(model.decode(batch, size)[0], target)
         err.print(f"wrote {_shown(target)}")
 
 
@@ -487,8 +492,8 @@ def serve(run: Path = RunArg,
     (needs the `serve` extra: starlette, uvicorn)."""
     r = Run(run)
     r.model()  # a path that is not a run is one line here, before anything listens
-    err.print(f"serving {_shown(run)} on http://{host}:{port} (Ctrl-C stops)")
-    vqvae.run_server(r, host=host, port=port)
+    vqvae.run_server(r, host=host, port=port,
+                     announce=lambda: err.print(f"serving {_shown(run)} on http://{host}:{port} (Ctrl-C stops)"))
 
 
 # -- everything at once ------------------------------------------------------------------------------------

@@ -11,8 +11,8 @@ OUT/NAME, which `vqvae eval`, `reconstruct` and the other commands read like any
 Bits per dimension (upper bounds on -log2 p(x) per 8-bit pixel, evaluate.bits_figures) are of three kinds,
 in separate columns: the VAE's negative ELBO; for models with codes, the uniform prior's log2 K per code
 plus the decoder's pixel bits (the VQ-VAE paper's figure before a prior is learned); and, with
-`prior_steps` > 0, the same with a learned prior instead of the uniform one (single-grid models only,
-which are also those `Run.compress` codes into a .vqz file).
+`prior_steps` > 0, the same with a learned prior instead of the uniform one (every model with integer
+codes: `takes_prior`; these are also those `Run.compress` codes into a .vqz file).
 """
 
 from __future__ import annotations
@@ -75,9 +75,11 @@ def variant_config(name: str, base: ModelConfig | None = None) -> ModelConfig:
     return replace(base, model=model, quantizer=QuantizerConfig(**q))
 
 
-def single_grid(cfg: ModelConfig) -> bool:
-    """Whether the model's codes are one grid of one codebook per image: what a prior and the .vqz codec take."""
-    return cfg.model in ("vqvae", "dvae") and cfg.quantizer.kind != "rvq"
+def takes_prior(cfg: ModelConfig) -> bool:
+    """Whether the model has integer codes that a prior and the .vqz codec take: a VQ-VAE (any quantizer,
+    residual VQ's stages included), a dVAE, a VQ-VAE-2 (not with residual VQ: several codes per position of
+    two grids)."""
+    return cfg.model in ("vqvae", "dvae") or (cfg.model == "vqvae2" and cfg.quantizer.kind != "rvq")
 
 
 def train_seconds(run: Run) -> float | None:
@@ -94,8 +96,8 @@ def compare_models(data: str, models: list[str], out_dir: str | Path, steps: int
                    console: Console | None = None, show_progress: bool = True) -> list[dict]:
     """Train each of `models` (keys of MODEL_VARIANTS) on dataset `data` for `steps` steps into OUT/NAME, in turn,
     and evaluate it on the held-out split -> one row per model: model, run, train_seconds and the figures
-    of `evaluate_autoencoder` (bits per dimension included); with `prior_steps` > 0, single-grid models
-    (`single_grid`) also get a prior (PRIOR, as `vqvae prior` trains it), its held-out nll_bits_per_latent,
+    of `evaluate_autoencoder` (bits per dimension included); with `prior_steps` > 0, models with codes
+    (`takes_prior`) also get a prior (PRIOR, as `vqvae prior` trains it), its held-out nll_bits_per_latent,
     integer_bits_per_latent and bits_per_dim, and vqz_bits_per_image (the held-out split compressed into
     one .vqz file with `Run.compress`, bits per image, header included).
 
@@ -126,7 +128,7 @@ def compare_models(data: str, models: list[str], out_dir: str | Path, steps: int
         row = {"model": name, "run": str(run.path),
                **evaluate_autoencoder(run.model(), dataset.test, train_images=dataset.train),
                "train_seconds": train_seconds(run)}
-        if prior_steps and single_grid(cfg):
+        if prior_steps and takes_prior(cfg):
             prior_train = TrainConfig(data="codes", steps=prior_steps, batch_size=64, seed=train_cfg.seed,
                                       warmup_steps=min(200, prior_steps // 5), device=train_cfg.device)
             figures = train_prior(run.path, PRIOR, prior_train, shifts=1, show_progress=show_progress,

@@ -190,6 +190,10 @@ class PriorConfig:
     layers). A config saved without this field predates it and loads as False: that prior's architecture.
     `stages` (transformer only): 0 for one code grid per image, codes (B, *grid); S >= 1 for the S stages
     of a residual VQ, codes (B, S, *grid), modelled stage after stage (priors.py says why).
+    `levels` (transformer only): the grids of a VQ-VAE-2's codes, top first, e.g. ((4, 4), (7, 7)); then
+    `grid` is (L,), L the positions of all levels, and the codes (B, L) are the top grid in raster order
+    followed by the bottom grid: one causal sequence, so the prior is p(top) * p(bottom | top). () for
+    any other model.
     """
 
     arch: str = "transformer"
@@ -202,6 +206,7 @@ class PriorConfig:
     dropout: float = 0.0
     dilated: bool = True
     stages: int = 0
+    levels: tuple[tuple[int, ...], ...] = ()
 
     def __post_init__(self) -> None:
         _check(self.arch in ("transformer", "pixelcnn"), "arch", "'transformer' or 'pixelcnn'", self.arch)
@@ -230,6 +235,18 @@ class PriorConfig:
         _check(0 <= self.stages <= MAX_STAGES, "stages", f"in 0..{MAX_STAGES}", self.stages)
         _check(self.stages == 0 or self.arch == "transformer", "stages", "0 for a pixelcnn prior (stages need "
                "the transformer)", self.stages)
+        ok = isinstance(self.levels, (tuple, list)) and all(
+            isinstance(level, (tuple, list)) and len(level) in (1, 2) and all(
+                isinstance(g, numbers.Integral) and not isinstance(g, bool) and g >= 1 for g in level)
+            for level in self.levels)
+        _check(ok, "levels", "grids of 1 or 2 positive integer sizes, top first, e.g. [[4, 4], [7, 7]]", self.levels)
+        object.__setattr__(self, "levels", tuple(tuple(int(g) for g in level) for level in self.levels))
+        if self.levels:
+            _check(len(self.levels) >= 2 and self.arch == "transformer" and self.stages == 0, "levels",
+                   "two or more grids, for a transformer prior without stages", self.levels)
+            positions = sum(math.prod(level) for level in self.levels)
+            _check(self.grid == (positions,), "grid", f"[{positions}]: the positions of all levels, one sequence",
+                   self.grid)
 
 
 PRECISIONS = ("fp32", "bf16", "fp16")

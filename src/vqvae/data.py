@@ -388,9 +388,10 @@ def check_outputs(targets: list[str | Path], force: bool = False, sources: list 
 
 
 def save_codes(path: str | Path, grids: list[torch.Tensor], sizes: list[tuple[int, ...]], names: list[str],
-               codebook_size: int, channels: int) -> None:
+               codebook_size: int, channels: int, tops: list[torch.Tensor] | None = None) -> None:
     """Write code grids as one .npz file (atomically): codes_i (S'_i) int32, size_i (the image's H, W),
-    names (the source files), codebook_size and channels. `load_codes` reads it back."""
+    names (the source files), codebook_size and channels; a VQ-VAE-2's top grids as top_i (its bottom
+    grids are codes_i). `load_codes` reads it back."""
     import io
 
     arrays: dict[str, np.ndarray] = {"names": np.array(names), "codebook_size": np.array(codebook_size),
@@ -398,17 +399,20 @@ def save_codes(path: str | Path, grids: list[torch.Tensor], sizes: list[tuple[in
     for i, (grid, size) in enumerate(zip(grids, sizes)):
         arrays[f"codes_{i}"] = grid.cpu().numpy().astype(np.int32)
         arrays[f"size_{i}"] = np.array(size, dtype=np.int64)
+    for i, top in enumerate(tops or ()):
+        arrays[f"top_{i}"] = top.cpu().numpy().astype(np.int32)
     buffer = io.BytesIO()
     np.savez_compressed(buffer, **arrays)
     write_bytes(path, buffer.getvalue())
 
 
 def load_codes(path: str | Path, codebook_size: int, dims: int,
-               factor: int, stages: int = 0) -> list[tuple[str, torch.Tensor, tuple[int, ...]]]:
+               factor: int, stages: int = 0, top: bool = False) -> list[tuple[str, torch.Tensor, tuple[int, ...]]]:
     """The (name, codes (S') int64, image size) entries of a .npz file from `save_codes`, checked against
     a codebook of `codebook_size` codes, `dims`-D grids and a model that downsamples by `factor`. Files
     from earlier versions store the padding (pad_i) instead of the size: size = S' * factor - pad.
-    `stages` > 0 (residual VQ): each grid has a leading stage axis, (Q', *S') with 1 <= Q' <= stages."""
+    `stages` > 0 (residual VQ): each grid has a leading stage axis, (Q', *S') with 1 <= Q' <= stages.
+    `top` (VQ-VAE-2): the codes of an entry are the pair (top (S''), bottom (S')), S'' = ceil(S' / 2)."""
     path = Path(path)
     what = "a codes file written by `vqvae encode`"
     arrays = _read_npz(path, what)
@@ -435,6 +439,13 @@ def load_codes(path: str | Path, codebook_size: int, dims: int,
             size = tuple(s * factor - int(p) for s, p in zip(grid.shape[lead:], stored))
         if len(size) != dims or any(not (s - 1) // factor + 1 == g for s, g in zip(size, grid.shape[lead:])):
             raise DataError(f"{path}: entry size_{i} {size} does not fit its code grid {grid.shape}")
+        if top:
+            upper, expected = arrays.get(f"top_{i}"), tuple(-(-g // 2) for g in grid.shape)
+            if upper is None or upper.shape != expected or not np.issubdtype(upper.dtype, np.integer) \
+                    or upper.min() < 0 or upper.max() >= codebook_size:
+                raise DataError(f"{path}: entry top_{i} is missing or not the top code grid {expected} of a VQ-VAE-2 "
+                                f"with values in 0..{codebook_size - 1}")
+            codes = (torch.from_numpy(upper.astype(np.int64)), codes)
         entries.append((str(name), codes, size))
     return entries
 

@@ -21,14 +21,20 @@ from .nets import eval_mode
 
 @torch.no_grad()
 def encode_dataset(model, images: torch.Tensor, batch_size: int = 500) -> torch.Tensor:
-    """Images (N, C, H, W) -> int16 code grids (N, *S') ((N, Q, *S') with residual VQ), in batches on the
-    model's device. Models without one code grid per image (AE, VAE, VQ-VAE-2) are a `RunError`."""
-    if not model.discrete or hasattr(model, "top_quantizer"):
-        what = "continuous latents" if not model.discrete else "two code grids (top and bottom)"
-        raise RunError(f"a {model.cfg.model!r} model has {what}, not one grid of integer codes per image")
+    """Images (N, C, H, W) -> int16 code grids (N, *S') ((N, Q, *S') with residual VQ; a VQ-VAE-2's
+    (N, L), its `sequence`: top grid then bottom grid), in batches on the model's device. Models without
+    integer codes (AE, VAE) are a `RunError`."""
+    if not model.discrete:
+        raise RunError(f"a {model.cfg.model!r} model has continuous latents, not integer codes")
+    two_level = hasattr(model, "top_quantizer")
+    if two_level and model.code_stages:
+        raise RunError("a 'vqvae2' model with residual-VQ quantizers has several codes per position of two grids; "
+                       "priors and .vqz files take its vq, ema or fsq variants")
     with eval_mode(model):
-        grids = [model.encode(images[i:i + batch_size].to(model.device)).codes.cpu()
-                 for i in range(0, len(images), batch_size)]
+        grids = []
+        for i in range(0, len(images), batch_size):
+            encoded = model.encode(images[i:i + batch_size].to(model.device))
+            grids.append((model.sequence(encoded) if two_level else encoded.codes).cpu())
     return torch.cat(grids).to(torch.int16)
 
 
@@ -214,10 +220,10 @@ def evaluate_run(run, data: str | None = None, samples_per_class: int = 20) -> d
     # The figures fit on at most 1,000 training images: a streamed dataset decodes only those.
     train, dataset.test = to_channels(dataset.train_rows(0, 1000), channels), to_channels(dataset.test, channels)
     figures = evaluate_autoencoder(model, dataset.test, train_images=train)
-    if run.has_prior() and model.discrete and not hasattr(model, "top_quantizer"):  # one code grid per image
+    if run.has_prior() and model.discrete:
         prior = run.prior()
         codes = encode_dataset(model, dataset.test)
-        if tuple(codes.shape[1:]) == tuple(prior.code_shape):  # residual VQ: (S, *grid)
+        if tuple(codes.shape[1:]) == tuple(prior.code_shape):  # residual VQ: (S, *grid); VQ-VAE-2: (L,)
             figures.update({k: v for k, v in prior_figures(prior, {"test": codes}).items()
                             if k in ("nll_bits_per_latent", "uniform_bits_per_latent")})
             if run.has_integer_prior():

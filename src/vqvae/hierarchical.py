@@ -12,12 +12,14 @@ digits at downsample 4: bottom 7x7, top 4x4).
 
 Both quantizers follow the same `QuantizerConfig` (any kind but "gumbel"; with "rvq" each grid's codes
 gain a stage axis). Padding and cropping are the VQ-VAE's; `encode` gives `Encoded2(top, bottom, size)`,
-`decode` takes it (or the two grids and a size). A prior draws the top grid first, then the bottom
-conditioned on it.
+`decode` takes it (or the two grids and a size). A prior models `sequence(codes)`, the top grid then the
+bottom one in raster order (`PriorConfig.levels`): it draws the top grid first, then the bottom
+conditioned on it; `from_sequence` turns a sampled or decoded sequence back into the two grids.
 """
 
 from __future__ import annotations
 
+import math
 from dataclasses import dataclass
 
 import torch
@@ -81,6 +83,31 @@ class VQVAE2(Autoencoder):
     def top_shape(self, size: tuple[int, ...]) -> tuple[int, ...]:
         """The top grid S'' of an input of spatial size S: ceil(ceil(S / downsample) / 2) per dim."""
         return tuple(-(-s // 2) for s in self.code_shape(size))
+
+    def levels(self, size: tuple[int, ...]) -> tuple[tuple[int, ...], tuple[int, ...]]:
+        """The grids (S'', S') of an input of spatial size S, top first: what a prior over this model's
+        codes records as `PriorConfig.levels`."""
+        return self.top_shape(size), self.code_shape(size)
+
+    def sequence(self, codes: Encoded2) -> torch.Tensor:
+        """Encoded2 -> (B, L) int64, L = |S''| + |S'|: the top grid in raster order, then the bottom grid.
+        The one sequence a prior (and the codec) models: p(top) * p(bottom | top)."""
+        if self.code_stages:
+            raise ValueError("a VQ-VAE-2 with residual-VQ quantizers has several codes per position; its codes "
+                             "form no single sequence (priors and .vqz files take vq, ema or fsq quantizers)")
+        return torch.cat([codes.top.flatten(1), codes.bottom.flatten(1)], 1).long()
+
+    def from_sequence(self, seq: torch.Tensor, levels: tuple[tuple[int, ...], ...],
+                      size: tuple[int, ...] | None = None) -> Encoded2:
+        """(B, L) codes in `sequence` order with `levels` = (S'', S') -> Encoded2 of size `size` (default
+        S' * downsample)."""
+        top, bottom = (tuple(level) for level in levels)
+        L_top = math.prod(top)
+        if seq.dim() != 2 or seq.size(1) != L_top + math.prod(bottom):
+            raise ValueError(f"codes of levels {top} and {bottom} are (B, {L_top + math.prod(bottom)}), "
+                             f"got {tuple(seq.shape)}")
+        size = size or tuple(s * self.cfg.downsample for s in bottom)
+        return Encoded2(seq[:, :L_top].reshape(-1, *top), seq[:, L_top:].reshape(-1, *bottom), tuple(size))
 
     def quantize2(self, x: torch.Tensor):
         """x (B, C, *S), any S -> (top Quantized (B, D, *S''), bottom Quantized (B, D, *S'))."""

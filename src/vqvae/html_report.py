@@ -262,10 +262,14 @@ def build_report(run, figures: dict | None = None, samples_per_class: int = 8, s
 
     inputs = _spread(test, 6)
     codes = encode_dataset(model, inputs).long()
+    if hasattr(model, "levels"):  # VQ-VAE-2: the sequence holds the top grid, then the bottom one drawn here
+        bottom = model.code_shape(tuple(inputs.shape[2:]))
+        codes = codes[:, -math.prod(bottom):].view(-1, *bottom)
     cells = "".join(f'<figure>{_img(data_uri(png_bytes(grid(x[None], nrow=1, scale=4))), "input")}'
                     f'{_img(data_uri(png_bytes(code_grid_image(c, K))), "code grid")}</figure>'
                     for x, c in zip(inputs, codes))
-    parts.append(_section("Code grids (each input next to its codes, one colour per code)",
+    parts.append(_section("Code grids (each input next to its codes, one colour per code"
+                          + (", the bottom grid" if hasattr(model, "levels") else "") + ")",
                           f'<div class="codes">{cells}</div>'))
 
     if run.has_prior():

@@ -82,5 +82,7 @@ def sample_images(model, prior, n: int, label: int | None = None, temperature: f
     elif classes:
         cond = torch.full((n,), label, device=prior.device)
     generator = torch.Generator(device=prior.device).manual_seed(seed)
-    codes = prior.sample(len(cond) if cond is not None else n, cond, temperature, top_k, generator)
-    return model.decode(codes.to(model.device)).cpu(), nrow
+    codes = prior.sample(len(cond) if cond is not None else n, cond, temperature, top_k, generator).to(model.device)
+    if prior.cfg.levels:  # VQ-VAE-2: the sampled sequence holds the top grid, then the bottom one
+        codes = model.from_sequence(codes, prior.cfg.levels)
+    return model.decode(codes).cpu(), nrow

@@ -118,6 +118,9 @@ def create_app(run, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_upload_pixels:
     model = run.model()
     if model.cfg.dims != 2:
         raise VQVAEError(f"{run.path}: vqvae serve shows images; this run's model is {model.cfg.dims}-D")
+    if not model.discrete or hasattr(model, "levels"):
+        raise VQVAEError(f"{run.path}: vqvae serve edits one grid of codes per image; a {model.cfg.model!r} model "
+                         f"has {'two grids' if model.discrete else 'continuous latents'}")
     size = tuple(run.config.get("data", {}).get("image_size") or (28, 28))
     channels, K = model.cfg.in_channels, model.cfg.quantizer.codebook_size
     prior = run.prior() if run.has_prior() else None
@@ -210,9 +213,12 @@ def create_app(run, max_upload_bytes: int = MAX_UPLOAD_BYTES, max_upload_pixels:
                              Route("/api/sample", endpoint(sample, body_json), methods=["POST"])])
 
 
-def run_server(run, host: str = "127.0.0.1", port: int = 8000) -> None:
-    """Serve `create_app(run)` with uvicorn until interrupted."""
+def run_server(run, host: str = "127.0.0.1", port: int = 8000, announce=None) -> None:
+    """Serve `create_app(run)` with uvicorn until interrupted; `announce()` is called once the app is built
+    (a run it refuses raises before)."""
     app = create_app(run)
+    if announce is not None:
+        announce()
     import uvicorn
 
     uvicorn.run(app, host=host, port=port, log_level="warning")

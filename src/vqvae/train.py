@@ -658,8 +658,13 @@ def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConf
         if (out_dir / STATE_NAME).exists() and not force:
             raise RunError(f"{out_dir}: already holds a prior; pass --resume to continue it or --force to replace it")
         stages = model.code_stages  # residual VQ: codes (N, S, *grid), all S stages in one prior
+        # VQ-VAE-2: codes (N, L), the top grid then the bottom one, as one sequence
+        levels = model.levels(tuple(run.dataset().test.shape[2:])) if hasattr(model, "levels") else ()
+        if levels and prior_cfg_overrides.get("arch", "transformer") != "transformer":
+            raise ConfigError("a 'vqvae2' model's prior is a transformer over its top then bottom codes "
+                              "(--arch transformer)")
         cfg = PriorConfig(codebook_size=model.cfg.quantizer.codebook_size,
-                          grid=tuple(codes["train"].shape[1 + bool(stages):]), stages=stages,
+                          grid=tuple(codes["train"].shape[1 + bool(stages):]), stages=stages, levels=levels,
                           num_classes=num_classes, **prior_cfg_overrides)
         torch.manual_seed(train_cfg.seed)
         prior = build_prior(cfg).to(device)

@@ -4,6 +4,10 @@ Key: C H W one image's channels and size, h w its latent grid, K codebook size, 
 
 The model is called in two functions only, `encode_image` and `decode_image`; the rest checks
 arguments, builds the header and hands the codes to a coder (entropy.py, huffman.py).
+
+A VQ-VAE-2 (`VQVAE2`) codes each image as one sequence of L codes, its top grid then its bottom grid in
+raster order (`VQVAE2.sequence`), which its prior (`PriorConfig.levels`) models whole: an image must have
+the grids the prior was trained on (the training image size, or any size with the same grids).
 """
 
 from __future__ import annotations
@@ -15,6 +19,7 @@ import torch
 from torch import Tensor
 
 from ..autoencoders import VQVAE
+from ..hierarchical import VQVAE2
 from ..errors import CodecError
 from ..integer_priors import FORMAT_IDS, IntegerPrior
 from ..nets import eval_mode
@@ -29,23 +34,37 @@ from .container import (CODERS, CRC_BYTES, MAX_IMAGES, MAX_INTEGER_MODEL, MAX_PI
 # ------------------------------------------------------------------------------------------------
 
 
-def encode_image(model: VQVAE, x: Tensor, stages: int = 0) -> Tensor:
+def encode_image(model: VQVAE | VQVAE2, x: Tensor, stages: int = 0) -> Tensor:
     """One image (C, H, W) in [0, 1], any size -> its codes (h, w) int64 on the CPU (a batch of one);
-    with residual VQ, those of the first `stages` stages (s, h, w)."""
-    codes = model.encode(x.to(model.device, torch.float32)[None]).codes[0].cpu()
+    with residual VQ, those of the first `stages` stages (s, h, w); a VQ-VAE-2's sequence (L,)."""
+    encoded = model.encode(x.to(model.device, torch.float32)[None])
+    if isinstance(model, VQVAE2):
+        return model.sequence(encoded)[0].cpu()
+    codes = encoded.codes[0].cpu()
     return codes[:stages] if stages else codes
 
 
-def decode_image(model: VQVAE, codes: Tensor, size: tuple[int, int]) -> Tensor:
-    """Codes (h, w) (residual VQ: (s, h, w), the first s stages) -> the image (C, H, W) in [0, 1] at size
-    (H, W), on the model's device (a batch of one)."""
-    return model.decode(codes[None].to(model.device), size)[0]
+def decode_image(model: VQVAE | VQVAE2, codes: Tensor, size: tuple[int, int]) -> Tensor:
+    """Codes (h, w) (residual VQ: (s, h, w), the first s stages; VQ-VAE-2: (L,)) -> the image (C, H, W) in
+    [0, 1] at size (H, W), on the model's device (a batch of one)."""
+    codes = codes[None].to(model.device)
+    if isinstance(model, VQVAE2):
+        return model.decode(model.from_sequence(codes, model.levels(size), size))[0]
+    return model.decode(codes, size)[0]
 
 
 def latent_shape(shape: tuple[int, ...], factor: int) -> tuple[int, ...]:
     """The latent grid (h, w) of a (C, H, W) image: the format's ceil(H / f) x ceil(W / f); (ceil(T / f),)
     of a (C, T) sequence."""
     return tuple(-(-s // factor) for s in shape[1:])
+
+
+def code_shape(model: VQVAE | VQVAE2, shape: tuple[int, ...]) -> tuple[int, ...]:
+    """The codes of one (C, H, W) image (or (C, T) sequence) as the coder sees them: its latent grid,
+    or a VQ-VAE-2's sequence (L,) of both grids."""
+    if isinstance(model, VQVAE2):
+        return (sum(math.prod(level) for level in model.levels(shape[1:])),)
+    return latent_shape(shape, model.cfg.downsample)
 
 
 def _rows(shape: tuple[int, ...]) -> tuple[int, int]:
@@ -58,10 +77,11 @@ def _rows(shape: tuple[int, ...]) -> tuple[int, int]:
 # ------------------------------------------------------------------------------------------------
 
 
-def _check_model(model: VQVAE) -> None:
-    if not isinstance(model, VQVAE):
-        raise CodecError(f".vqz files hold the codes of one grid per image (VQVAE with vq, ema, fsq or rvq "
-                         f"quantizers, DVAE), not of a {type(model).__name__}")
+def _check_model(model: VQVAE | VQVAE2) -> None:
+    if not isinstance(model, (VQVAE, VQVAE2)) or (isinstance(model, VQVAE2) and model.code_stages):
+        raise CodecError(f".vqz files hold integer codes (VQVAE with vq, ema, fsq or rvq quantizers, DVAE, VQVAE2 "
+                         f"with vq, ema or fsq), not those of a {type(model).__name__}"
+                         + (" with residual-VQ quantizers" if isinstance(model, VQVAE2) else ""))
     if model.cfg.dims not in (1, 2):
         raise CodecError(f".vqz files hold images or sequences: the model must be 2-D or 1-D, got dims={model.cfg.dims}")
 
@@ -79,12 +99,28 @@ def _check_prior(model: VQVAE, prior: Prior | IntegerPrior) -> None:
     K = model.cfg.quantizer.codebook_size
     if prior.cfg.codebook_size != K:
         raise CodecError(f"the prior models {prior.cfg.codebook_size} codes but the model's codebook has {K}")
-    if len(prior.cfg.grid) != model.cfg.dims:
+    if isinstance(model, VQVAE2) != bool(prior.cfg.levels):
+        raise CodecError("a VQ-VAE-2 needs a prior over its top and bottom codes (PriorConfig.levels)"
+                         if prior.cfg.levels == () else "the prior models a VQ-VAE-2's two code grids, the model "
+                         "has one")
+    if not prior.cfg.levels and len(prior.cfg.grid) != model.cfg.dims:
         raise CodecError(f"a {model.cfg.dims}-D model needs a prior over {model.cfg.dims}-D code grids, "
                          f"got grid={prior.cfg.grid}")
     if prior.cfg.stages != model.code_stages:
         raise CodecError(f"the prior models {prior.cfg.stages} residual-VQ stages, the model's codes have "
                          f"{model.code_stages}")
+
+
+def _check_levels(model: VQVAE | VQVAE2, prior, shapes: list[tuple[int, ...]]) -> None:
+    """A VQ-VAE-2's images must have the grids its prior models (one sequence, no tiling)."""
+    if not isinstance(model, VQVAE2) or prior is None:
+        return
+    for i, shape in enumerate(shapes):
+        levels = model.levels(shape[1:])
+        if levels != prior.cfg.levels:
+            raise CodecError(f"image {i} is {'x'.join(map(str, shape[1:]))}: its code grids {levels} (top, bottom) "
+                             f"are not the prior's {prior.cfg.levels}; a VQ-VAE-2's .vqz holds images of the "
+                             f"size its prior was trained on")
 
 
 def _check_stages(model: VQVAE, stages: int | None) -> int:
@@ -217,15 +253,16 @@ def compress(model: VQVAE, prior: IntegerPrior | None, images: list[Tensor], cod
     else:
         counts = _check_counts(model, code_counts)
     labels = _check_labels(labels, prior, coder, len(images))
+    _check_levels(model, prior if coder == "range" else None, shapes)
     with eval_mode(model, prior):
         codes = [encode_image(model, x, stages) for x in images]  # (h, w) each, ([s,] h, w) with stages
         for i, (c, shape) in enumerate(zip(codes, shapes)):
-            expected = (stages,) * bool(stages) + latent_shape(shape, model.cfg.downsample)
+            expected = (stages,) * bool(stages) + code_shape(model, shape)
             assert tuple(c.shape) == expected, (i, tuple(c.shape), shape)
         flat = np.concatenate([c.reshape(-1).numpy() for c in codes]).astype(np.int64)  # (N,)
         if coder == "range":
             source = entropy.IntegerPriorFrequencies(prior)
-            layout = entropy.make_layout([_rows(tuple(c.shape[c.dim() - model.cfg.dims:])) for c in codes], source.hw,
+            layout = entropy.make_layout([_rows(code_shape(model, shape)) for shape in shapes], source.hw,
                                          max(stages, 1))
             if prior.cfg.num_classes > 0 and labels is None and label_prior is not None:
                 labels = entropy.best_labels_full_pass(label_prior, layout, flat, len(images))
@@ -301,12 +338,13 @@ def _decode_codes(model: VQVAE, prior, data: bytes, code_counts) -> tuple[Header
                          f"this .vqz file holds residual-VQ codes ({header.stages} stages), the model has no stages")
     if model.code_stages and not header.stages:
         raise CodecError("this .vqz file holds codes of one grid per image, the model's are residual-VQ stages")
-    latent_shapes = [latent_shape(shape, model.cfg.downsample) for shape in header.shapes]
+    latent_shapes = [code_shape(model, shape) for shape in header.shapes]
     rows = [_rows(shape) for shape in latent_shapes]
     per_image = max(header.stages, 1)  # code grids per image
     with eval_mode(model, prior):
         if header.coder == "range":
             _check_range_prior(model, prior, header)
+            _check_levels(model, prior, list(header.shapes))
             _check_payload_length(header, payload, per_image * sum(h * w for h, w in rows),
                                   prior.cfg.codebook_size)
             if header.prior_fingerprint != fingerprint(prior):
