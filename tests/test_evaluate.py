@@ -201,6 +201,10 @@ def test_class_sample_figures_of_a_conditional_prior(tiny_run, tiny_figures):
     assert len(per_class) == 10 and all(a in (0, 0.3333, 0.6667, 1) for a in per_class)  # k of 3, 4 decimals
     # 3 samples of every class: the overall accuracy is the mean of the per-class ones
     assert figures["sample_class_accuracy"] == pytest.approx(sum(per_class) / 10, abs=1e-4)
+    real = figures["real_class_accuracy_per_class"]
+    worst = min(a / r for a, r in zip(per_class, real) if r)
+    assert figures["sample_class_ratio_min"] == pytest.approx(worst, abs=1e-3)
+    assert (figures["class_temperature"], figures["class_guidance"]) == (1.0, 1.0)
     # the real accuracy is the share of held-out digits whose argmax is their label, counted here
     data = run.dataset()
     classifier = train_classifier(data.train, data.train_labels, 10)  # same seed: the same classifier

@@ -402,3 +402,46 @@ def test_stages_need_the_transformer():
         PriorConfig(arch="pixelcnn", stages=2)
     with pytest.raises(ConfigError, match="stages"):
         PriorConfig(stages=-1)
+
+
+@pytest.mark.parametrize("arch", ["transformer", "pixelcnn"])
+@pytest.mark.parametrize("guidance", [0.0, 2.5])
+def test_guided_sampling_uses_the_priors_own_class_posterior(arch, guidance, monkeypatch):
+    """The guided logits of every step, checked against a brute-force Bayes computation from full passes:
+    log p(z_t | y, z_<t) + (w - 1) (log p(z_t | y, z_<t) - log sum_y' p(y' | z_<t) p(z_t | y', z_<t))."""
+    import vqvae.priors as priors_module
+
+    torch.manual_seed(0)
+    Y, K = 3, 5
+    prior = build_prior(PriorConfig(arch=arch, codebook_size=K, grid=(2, 2), num_classes=Y, n_layer=2, n_head=2,
+                                    n_embd=16)).eval()
+    seen = []
+    plain = priors_module.sample_from_logits
+    monkeypatch.setattr(priors_module, "sample_from_logits",
+                        lambda logits, *a: seen.append(logits.clone()) or plain(logits, *a))
+    cond = torch.tensor([0, 2, 1, 2])
+    codes = prior.sample(4, cond, generator=torch.Generator().manual_seed(1), guidance=guidance).flatten(1)  # (4, 4)
+    assert len(seen) == 4
+    with torch.no_grad():  # log p(z_t = k | y, z_<t) for every class, from full passes (causal: prefixes suffice)
+        log_p = torch.stack([torch.log_softmax(prior.logits(codes.view(4, 2, 2), torch.full((4,), y)).flatten(2), 1)
+                             for y in range(Y)], 1)  # (4, Y, K, 4)
+    for t, logits in enumerate(seen):
+        own = log_p[torch.arange(4), cond, :, t]  # (4, K)
+        prefix = log_p[..., :t].gather(2, codes[:, None, None, :t].expand(4, Y, 1, t)).sum((2, 3))  # (4, Y)
+        posterior = prefix - torch.logsumexp(prefix, 1, keepdim=True)  # log p(y' | z_<t)
+        marginal = torch.logsumexp(posterior[..., None] + log_p[..., t], 1)  # (4, K)
+        expected = own + (guidance - 1) * (own - marginal)
+        assert torch.allclose(logits, expected, atol=1e-4), t
+
+
+def test_guidance_needs_classes_and_one_is_plain_sampling():
+    torch.manual_seed(0)
+    prior = build_prior(PriorConfig(codebook_size=8, grid=(3, 3), num_classes=2, n_layer=1, n_head=2, n_embd=16))
+    cond = torch.tensor([1, 0, 1])
+    plain = prior.sample(3, cond, generator=torch.Generator().manual_seed(4))
+    assert torch.equal(prior.sample(3, cond, generator=torch.Generator().manual_seed(4), guidance=1.0), plain)
+    with pytest.raises(ValueError, match="guidance must be >= 0"):
+        prior.sample(3, cond, guidance=-1.0)
+    unconditional = build_prior(PriorConfig(codebook_size=8, grid=(3, 3), n_layer=1, n_head=2, n_embd=16))
+    with pytest.raises(ValueError, match="needs a class-conditional prior"):
+        unconditional.sample(2, guidance=2.0)

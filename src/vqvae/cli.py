@@ -231,12 +231,18 @@ def evaluate(run: Path = RunArg,
              class_samples: int = typer.Option(20, "--class-samples", min=0,
                                                help="Prior samples of each class that a classifier trained on "
                                                     "the training images reads (class-conditional priors; "
-                                                    "0: skip).")) -> None:
+                                                    "0: skip)."),
+             class_temperature: float = typer.Option(1.0, "--class-temperature", min=0.0,
+                                                     help="Softmax temperature of those samples."),
+             class_guidance: float = typer.Option(1.0, "--class-guidance", min=0.0,
+                                                  help="Guidance of those samples (see `vqvae sample --guidance`; "
+                                                       "1: plain sampling).")) -> None:
     """Held-out PSNR, SSIM, MSE, bits per dimension (the VAE's ELBO; the uniform prior's for models with
     codes), perplexity and codebook usage; with a prior, its bits (float and integer models) and bits per
     dimension; with a class-conditional prior, how often a classifier recognises its samples' classes next to
     real held-out images' (sample_class_accuracy, real_class_accuracy, sample_class_ratio)."""
-    figures = vqvae.evaluate_run(Run(run), data, samples_per_class=class_samples)
+    figures = vqvae.evaluate_run(Run(run), data, samples_per_class=class_samples, class_temperature=class_temperature,
+                                 class_guidance=class_guidance)
     _print_figures(f"held-out figures of {run}" + (f" on {data}" if data else ""), figures, as_json)
 
 
@@ -370,6 +376,9 @@ def sample(run: Path = RunArg,
            temperature: float = typer.Option(1.0, help="Softmax temperature; 0 is greedy."),
            top_k: Optional[int] = typer.Option(None, help="Sample only among the k most likely codes."),
            label: Optional[int] = typer.Option(None, help="Class to sample (class-conditional priors)."),
+           guidance: float = typer.Option(1.0, help="Class-conditional priors: > 1 draws codes that tell the class "
+                                                    "apart more strongly (the prior's own class posterior as "
+                                                    "classifier-free guidance); 1 is plain sampling."),
            seed: int = typer.Option(0),
            output: Path = typer.Option(Path("samples.png"), "-o", "--output", help="The grid image to write."),
            force: bool = ForceOpt) -> None:
@@ -378,7 +387,7 @@ def sample(run: Path = RunArg,
     check_outputs([output], force)
     r = Run(run)
     model = r.model()
-    images, nrow = vqvae.sample_images(model, r.prior(), n, label, temperature, top_k, seed)
+    images, nrow = vqvae.sample_images(model, r.prior(), n, label, temperature, top_k, seed, guidance)
     if model.cfg.dims == 1:
         check_outputs(vqvae.sample_targets(output, len(images)), force)
         written = vqvae.save_audio_samples(images, output)
@@ -540,8 +549,8 @@ def _demo(out_dir: Path, steps: int, prior_steps: int, seed: int) -> None:
                    False)
 
     err.rule("3/4  samples")
-    sample(out_dir, n=60, temperature=1.0, top_k=None, label=None, seed=seed, output=out_dir / Run.SAMPLES,
-           force=True)
+    sample(out_dir, n=60, temperature=1.0, top_k=None, label=None, guidance=1.0, seed=seed,
+           output=out_dir / Run.SAMPLES, force=True)
 
     err.rule("4/4  compression of the 500 held-out digits")
     table = vqvae.compression_table(Run(out_dir), figures["psnr"], write=out_dir / Run.HELDOUT)
@@ -565,8 +574,8 @@ def _demo_speech(out_dir: Path, steps: int, prior_steps: int, seed: int) -> None
     _print_figures(f"held-out code likelihood of {out_dir}", figures, False)
 
     err.rule("3/4  samples: one of each digit")
-    sample(out_dir, n=10, temperature=1.0, top_k=None, label=None, seed=seed, output=out_dir / Run.SAMPLES,
-           force=True)
+    sample(out_dir, n=10, temperature=1.0, top_k=None, label=None, guidance=1.0, seed=seed,
+           output=out_dir / Run.SAMPLES, force=True)
 
     err.rule("4/4  compression of held-out clips (one .vqz file per clip)")
     _print_figures("bytes per held-out clip", vqvae.audio_compression_table(Run(out_dir), limit=50), False)

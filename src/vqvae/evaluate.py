@@ -203,14 +203,16 @@ def integer_prior_figures(integer_prior, codes: torch.Tensor) -> dict:
     return {"integer_bits_per_latent": float(bits.mean()) / integer_prior.seq_len}
 
 
-def evaluate_run(run, data: str | None = None, samples_per_class: int = 20) -> dict:
+def evaluate_run(run, data: str | None = None, samples_per_class: int = 20, class_temperature: float = 1.0,
+                 class_guidance: float = 1.0) -> dict:
     """Every figure of a run on its held-out split (or on the held-out split of dataset URI `data`):
     evaluate_autoencoder's (bits per dimension included, the decoder's scale fitted on the same dataset's
     training split), and with a prior its held-out bits per latent (float and integer models) and
     bits_per_dim. Images of another channel count are converted (gray <-> RGB) as `reconstruct` does.
 
     A class-conditional prior whose classes are the dataset's also gets `class_sample_figures` with
-    `samples_per_class` samples of each class (0: none of these figures)."""
+    `samples_per_class` samples of each class (0: none of these figures), drawn at `class_temperature` and
+    `class_guidance` (`Prior.sample`; both recorded in the figures)."""
     from .data import to_channels
 
     if samples_per_class < 0:
@@ -232,7 +234,8 @@ def evaluate_run(run, data: str | None = None, samples_per_class: int = 20) -> d
             classes = prior.cfg.num_classes
             if samples_per_class and classes and dataset.num_classes == classes and dataset.test_labels is not None:
                 dataset.train = to_channels(dataset.train, channels)  # the classifier learns from all of it
-                figures.update(class_sample_figures(model, prior, dataset, samples_per_class))
+                figures.update(class_sample_figures(model, prior, dataset, samples_per_class, class_temperature,
+                                                    guidance=class_guidance))
     return figures
 
 
@@ -279,25 +282,28 @@ def class_accuracy(classifier, images: torch.Tensor, labels: torch.Tensor, num_c
 
 
 def class_sample_figures(model, prior, dataset, samples_per_class: int = 20, temperature: float = 1.0,
-                         seed: int = 0) -> dict:
+                         seed: int = 0, guidance: float = 1.0) -> dict:
     """Do a class-conditional prior's samples read as their class? A classifier (`train_classifier`) fitted
     to dataset.train's images and labels (in the model's channels) reads `samples_per_class` decoded prior
-    samples of each class (`report.sample_images` at `temperature`, seeded by `seed`) and the held-out
+    samples of each class (`report.sample_images` at `temperature` and `guidance`, seeded by `seed`) and the held-out
     images: sample_class_accuracy, real_class_accuracy, their ratio sample_class_ratio (1: samples read as
-    well as real digits), and per class lists (4 decimals) sample_class_accuracy_per_class and
-    real_class_accuracy_per_class."""
+    well as real digits), the worst class's ratio sample_class_ratio_min, and per class lists (4 decimals)
+    sample_class_accuracy_per_class and real_class_accuracy_per_class."""
     from .report import sample_images
 
     Y = prior.cfg.num_classes
     classifier = train_classifier(dataset.train.to(model.device), dataset.train_labels, Y, seed=seed)
     with eval_mode(model), torch.no_grad():
-        samples, per_row = sample_images(model, prior, samples_per_class * Y, temperature=temperature, seed=seed)
+        samples, per_row = sample_images(model, prior, samples_per_class * Y, temperature=temperature, seed=seed,
+                                         guidance=guidance)
     sample_labels = torch.arange(Y).repeat_interleave(per_row)
     sample_acc, sample_per_class = class_accuracy(classifier, samples, sample_labels, Y)
     real_acc, real_per_class = class_accuracy(classifier, dataset.test, dataset.test_labels, Y)
+    ratios = [a / r for a, r in zip(sample_per_class, real_per_class) if r > 0]
     return {"sample_class_accuracy": sample_acc, "real_class_accuracy": real_acc,
             "sample_class_ratio": sample_acc / real_acc if real_acc else float("nan"),
-            "class_samples": samples_per_class * Y,
+            "sample_class_ratio_min": min(ratios) if ratios else float("nan"),
+            "class_samples": samples_per_class * Y, "class_temperature": temperature, "class_guidance": guidance,
             "sample_class_accuracy_per_class": [round(a, 4) for a in sample_per_class],
             "real_class_accuracy_per_class": [round(a, 4) for a in real_per_class]}
 

@@ -8,7 +8,7 @@ Both priors share one interface (the `Prior` base class):
     logits(codes, cond)    (B, *grid) int64 -> (B, K, *grid); logits at a position see only earlier codes
     log_prob(codes, cond)  -> (B,) natural-log likelihood of each grid
     loss(codes, cond)      -> scalar mean cross-entropy in nats per latent (what a trainer minimises)
-    sample(n, cond, temperature, top_k, generator) -> (n, *grid) int64
+    sample(n, cond, temperature, top_k, generator, guidance) -> (n, *grid) int64
     start(batch, cond) -> DecodeState;  step(state, prev_codes) -> (logits (B, K), state)
 The step API decodes one position at a time; the transformer keeps a key/value cache so the prefix is
 never recomputed. The entropy coder drives it on both sides: see `Prior.step` for the contract.
@@ -180,22 +180,48 @@ class Prior(nn.Module):
 
     @torch.no_grad()
     def sample(self, n: int, cond: Tensor | None = None, temperature: float = 1.0, top_k: int | None = None,
-               generator: torch.Generator | None = None) -> Tensor:
+               generator: torch.Generator | None = None, guidance: float = 1.0) -> Tensor:
         """Draw `n` code grids -> (n, *grid) int64 ((n, S, *grid) with stages), one position at a time
         through `start`/`step`.
 
         cond: (n,) int64 labels (class-conditional priors) or None. temperature 0 is greedy, top_k keeps
         the k most likely codes; `generator` (on the prior's device) makes the draw reproducible.
+        guidance w (class-conditional priors): each code is drawn from
+        log p(z_t | y, z_<t) + (w - 1) * (log p(z_t | y, z_<t) - log p(z_t | z_<t)), where the unconditional
+        p(z_t | z_<t) = sum_y' p(y' | z_<t) p(z_t | y', z_<t) is the prior's own mixture over its Y classes
+        (uniform p(y'), p(y' | z_<t) by Bayes from the codes drawn so far). w = 1 is plain sampling; w > 1
+        favours codes that tell the class apart (classifier-free guidance, with the class posterior of the
+        prior itself instead of a second, unconditional network); it runs Y sequences per sample.
         Runs in eval mode and restores the module's mode afterwards.
         """
+        if not math.isfinite(guidance) or guidance < 0:
+            raise ValueError(f"guidance must be >= 0, got {guidance}")
+        Y = self.cfg.num_classes
+        if guidance != 1.0 and not Y:
+            raise ValueError("guidance needs a class-conditional prior; this prior has no classes")
         with eval_mode(self):
-            state = self.start(n, cond)
+            if guidance == 1.0:
+                state = self.start(n, cond)
+            else:  # every sample's sequence under each of the Y classes, (n * Y) rows: sample i, class y at i * Y + y
+                cond = self._check_decode(n, cond)
+                state = self.start(n * Y, torch.arange(Y, device=self.device).repeat(n))
+                log_prefix = torch.zeros(n, Y, device=self.device)  # log p(z_<t | y') of each sample, each class
             codes = torch.empty(n, self.seq_len, dtype=torch.long, device=self.device)  # (B, L)
             prev = None
             for t in range(self.seq_len):
-                logits, state = self.step(state, prev)  # (B, K)
-                prev = sample_from_logits(logits, temperature, top_k, generator)  # (B,)
-                codes[:, t] = prev
+                logits, state = self.step(state, prev)  # (B, K), or (n * Y, K)
+                if guidance != 1.0:
+                    log_p = F.log_softmax(logits.view(n, Y, -1), -1)  # (n, Y, K)
+                    own = log_p[torch.arange(n, device=self.device), cond]  # (n, K) log p(z_t | y, z_<t)
+                    weights = F.log_softmax(log_prefix, -1)[..., None]  # (n, Y, 1) log p(y' | z_<t)
+                    marginal = torch.logsumexp(weights + log_p, 1)  # (n, K) log p(z_t | z_<t)
+                    logits = own + (guidance - 1) * (own - marginal)
+                chosen = sample_from_logits(logits, temperature, top_k, generator)  # (n,)
+                codes[:, t] = chosen
+                if guidance != 1.0:
+                    log_prefix += log_p.gather(2, chosen[:, None, None].expand(n, Y, 1))[..., 0]
+                    chosen = chosen.repeat_interleave(Y)  # fed to each class's row of its sample
+                prev = chosen
         return codes.view(n, *self.code_shape)
 
     def save_pretrained(self, directory: str | Path) -> None:

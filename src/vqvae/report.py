@@ -61,17 +61,21 @@ def save_reconstructions(model, images: torch.Tensor, path: str | Path, n: int =
 
 @torch.no_grad()
 def sample_images(model, prior, n: int, label: int | None = None, temperature: float = 1.0,
-                  top_k: int | None = None, seed: int = 0) -> tuple[torch.Tensor, int | None]:
+                  top_k: int | None = None, seed: int = 0, guidance: float = 1.0) -> tuple[torch.Tensor, int | None]:
     """Draw code grids from `prior` and decode them -> (images (B, C, H, W) in [0, 1], images per row).
 
     A class-conditional prior without `label` gives ceil(n / classes) samples of every class, one row
-    per class (the second value); with `label`, n samples of that class. Raises ConfigError for bad values.
+    per class (the second value); with `label`, n samples of that class. `guidance` (class-conditional
+    priors): see `Prior.sample`. Raises ConfigError for bad values.
     """
     from .errors import ConfigError
 
     classes = prior.cfg.num_classes
-    if n < 1 or temperature < 0 or (top_k is not None and top_k < 1):
-        raise ConfigError(f"need n >= 1, temperature >= 0 and top_k >= 1; got {n}, {temperature}, {top_k}")
+    if n < 1 or temperature < 0 or (top_k is not None and top_k < 1) or not guidance >= 0:
+        raise ConfigError(f"need n >= 1, temperature >= 0, top_k >= 1 and guidance >= 0; got {n}, {temperature}, "
+                          f"{top_k}, {guidance}")
+    if guidance != 1 and not classes:
+        raise ConfigError("guidance needs a class-conditional prior; this prior has no classes")
     if label is not None and not 0 <= label < max(classes, 1):
         raise ConfigError(f"label must be in 0..{classes - 1} for this prior, got {label}" if classes else
                           "a label needs a class-conditional prior; this prior has no classes")
@@ -82,7 +86,8 @@ def sample_images(model, prior, n: int, label: int | None = None, temperature: f
     elif classes:
         cond = torch.full((n,), label, device=prior.device)
     generator = torch.Generator(device=prior.device).manual_seed(seed)
-    codes = prior.sample(len(cond) if cond is not None else n, cond, temperature, top_k, generator).to(model.device)
+    codes = prior.sample(len(cond) if cond is not None else n, cond, temperature, top_k, generator,
+                         guidance).to(model.device)
     if prior.cfg.levels:  # VQ-VAE-2: the sampled sequence holds the top grid, then the bottom one
         codes = model.from_sequence(codes, prior.cfg.levels)
     return model.decode(codes).cpu(), nrow
