@@ -186,11 +186,12 @@ print(torch.get_num_threads(), digest.hexdigest())
 """
 
 
-@pytest.mark.parametrize("arch", ARCHS)
+@pytest.mark.parametrize("arch", ARCHS + ["staged"])
 def test_same_frequencies_with_one_or_two_threads_without_onednn_or_vector_units(arch, tmp_path):
-    _, iprior = trained(arch, 3)
+    """Also for the transformer over residual-VQ stages (3 stages of 4x5 codes, one sequence)."""
+    _, iprior = staged(3) if arch == "staged" else trained(arch, 3)
     iprior.save_pretrained(tmp_path / "iprior")
-    codes, cond = held_out(3, 16)
+    codes, cond = staged_codes(16, torch.Generator().manual_seed(7), 3) if arch == "staged" else held_out(3, 16)
     save_file({"codes": codes.contiguous(), "cond": cond.contiguous()}, str(tmp_path / "codes.safetensors"))
     src = str(Path(vqvae.__file__).parents[1])
     hashes = set()
