@@ -2,6 +2,7 @@
 
     python benchmarks/codec.py [RUN ...]      # runs with a prior (default runs/demo, from `make demo`)
     python benchmarks/codec.py --train-rvq runs/rvq4 runs/rvq4   # first train the residual-VQ run measured
+    python benchmarks/codec.py --train-family runs/rd            # first train several models (FAMILY)
 
 Every run gives operating points: a residual-VQ run one per stage count s (the first s stages of its
 codes, `vqvae compress --stages s`), any other run one. For each: PSNR of the decoded held-out images (8-bit,
@@ -91,17 +92,44 @@ def train_rvq(path: Path, stages: int = 4, codebook_size: int = 256, seconds: fl
                 show_progress=False)
 
 
+FAMILY = {  # name: (`vqvae train` options, `vqvae prior` options); each trained with `vqvae.cli.main`
+    "d4k512": (["--steps", "8000"], ["--steps", "2000"]),  # what `vqvae demo` trains: 7x7 codes, K = 512
+    "d2k64": (["--downsample", "2", "--codebook-size", "64", "--steps", "8000"],
+              ["--steps", "3000", "--max-seconds", "1500"]),  # 14x14 codes, K = 64
+    "d2k512": (["--downsample", "2", "--steps", "8000"], ["--steps", "3000", "--max-seconds", "1500"]),
+}
+
+
+def train_family(directory: Path) -> list[Path]:
+    """The runs of the README's curve from several models, under `directory`: a VQ-VAE per FAMILY entry on
+    MNIST (7x7 codes as `vqvae demo` trains them; 14x14 codes at K = 64 and K = 512), each with a
+    class-conditional transformer prior. Step budgets, except the 14x14 priors: at most 25 minutes each."""
+    from vqvae.cli import main as cli
+
+    paths = []
+    for name, (train, prior) in FAMILY.items():
+        path = directory / name
+        for args in (["train", "--data", "mnist", "--out", str(path), *train], ["prior", str(path), *prior]):
+            if cli(args) != 0:
+                raise SystemExit(f"`vqvae {' '.join(args)}` failed")
+        paths.append(path)
+    return paths
+
+
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    parser.add_argument("runs", nargs="*", default=["runs/demo"])
+    parser.add_argument("runs", nargs="*", help="runs with a prior (default: runs/demo unless --train-family)")
     parser.add_argument("--single", type=int, default=100, help="how many images to compress one file each")
     parser.add_argument("--out", type=Path, default=RESULTS, help="directory for codec.json, codec.md, codec.png")
     parser.add_argument("--train-rvq", type=Path, help="first train a 4-stage residual-VQ run and its prior here "
                                                         "(4 + 4 minutes of training)")
+    parser.add_argument("--train-family", type=Path, help="first train the runs of FAMILY under this directory "
+                                                           "(about 80 minutes on one core) and measure them too")
     args = parser.parse_args()
     if args.train_rvq is not None:
         train_rvq(args.train_rvq)
-    runs = [Run(r) for r in args.runs]
+    family = train_family(args.train_family) if args.train_family is not None else []
+    runs = [Run(r) for r in [*family, *(args.runs or ([] if family else ["runs/demo"]))]]
     test = runs[0].dataset().test
     points = [p for run in runs for p in operating_points(run, test, args.single)]
     classical = ([baselines.rate_distortion(test, "png")]

@@ -351,3 +351,21 @@ def test_code_counts_of_an_empty_or_damaged_file_are_one_line(tiny_run, tmp_path
     np.save(run.codes_dir / "train.npy", np.zeros((0, 7, 7), np.int16))
     with pytest.raises(RunError, match="not code grids"):
         run.code_counts()
+
+
+def test_code_counts_refuse_codes_of_other_weights(tiny_run, tmp_path):
+    """Training resumed after the prior changes the weights: the cached codes are not the model's any more."""
+    import json
+    import shutil
+
+    shutil.copytree(tiny_run, tmp_path / "run")
+    run = Run(tmp_path / "run")
+    assert run.code_counts().sum() > 0
+    meta = run.codes_dir / "meta.json"
+    key = json.loads(meta.read_text())
+    meta.write_text(json.dumps({**key, "model": "0000" if key["model"] != "0000" else "0001"}))
+    with pytest.raises(RunError, match="not those of the run's model.*vqvae prior .* --force"):
+        Run(tmp_path / "run").code_counts()
+    meta.unlink()
+    with pytest.raises(RunError, match="not those of the run's model"):
+        Run(tmp_path / "run").code_counts()

@@ -377,12 +377,21 @@ class Run:
         write_json(self.codes_dir / "meta.json", key)
 
     def code_counts(self) -> torch.Tensor:
-        """How often each code occurs in the cached training codes: (K,) int64 (the Huffman coder's table)."""
+        """How often each code occurs in the cached training codes: (K,) int64 (the Huffman coder's table).
+        Codes cached from other weights of the model (training resumed after the prior) are a RunError."""
         path = self.codes_dir / "train.npy"
         if not path.is_file():
             raise RunError(f"{path}: missing; `vqvae prior {self.path}` writes the training codes the Huffman "
                            "code needs")
         from .data import read_npy
+
+        try:
+            made_by = json.loads((self.codes_dir / "meta.json").read_text()).get("model")
+        except (OSError, ValueError, AttributeError):
+            made_by = None
+        if made_by != pretrained.fingerprint(self.model()).hex():
+            raise RunError(f"{self.codes_dir}: the cached codes are not those of the run's model (its weights changed, "
+                           f"or the cache is incomplete); rerun `vqvae prior {self.path} --force`")
 
         try:
             codes = read_npy(path)
