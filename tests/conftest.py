@@ -4,7 +4,8 @@ import pytest
 from rich.console import Console
 
 from vqvae.config import ModelConfig, QuantizerConfig, TrainConfig
-from vqvae.train import train_autoencoder, train_prior
+from vqvae.prior_training import train_prior
+from vqvae.train import train_autoencoder
 
 pytest_plugins = ["codec_support"]  # the codec tests' fixtures
 

@@ -176,7 +176,8 @@ def audio_run(cache, tmp_path_factory):
     from rich.console import Console
 
     from vqvae.config import ModelConfig, QuantizerConfig, TrainConfig
-    from vqvae.train import train_autoencoder, train_prior
+    from vqvae.prior_training import train_prior
+    from vqvae.train import train_autoencoder
 
     path = tmp_path_factory.mktemp("audio_run")
     quiet = Console(quiet=True)

@@ -169,7 +169,7 @@ PRIOR_WORKER = r"""
 import json, sys
 from rich.console import Console
 from vqvae.config import TrainConfig, from_dict
-from vqvae.train import train_prior
+from vqvae.prior_training import train_prior
 args = json.loads(sys.argv[1])
 figures = train_prior(args["run"], args["prior"], from_dict(TrainConfig, args["train"]), shifts=0,
                       show_progress=False, console=Console(quiet=True))

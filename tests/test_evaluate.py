@@ -163,7 +163,8 @@ def tiny_rvq_run(tmp_path_factory):
     from conftest import TINY_MODEL, TINY_PRIOR
     from vqvae.config import TrainConfig
     from vqvae.data import load_dataset
-    from vqvae.train import train_autoencoder, train_prior
+    from vqvae.prior_training import train_prior
+    from vqvae.train import train_autoencoder
 
     path, quiet = tmp_path_factory.mktemp("tiny_rvq"), Console(quiet=True)
     digits = path / "digits.npy"

@@ -148,7 +148,7 @@ def test_cached_codes_equal_encoding_in_memory(tiny_run, tmp_path):
     import shutil
 
     from vqvae.evaluate import encode_dataset
-    from vqvae.train import cached_codes, shifted
+    from vqvae.prior_training import cached_codes, shifted
 
     shutil.copytree(tiny_run, tmp_path / "run", ignore=shutil.ignore_patterns("codes"))
     run = Run(tmp_path / "run")

@@ -358,7 +358,7 @@ def _prior_fit(tmp_path, train_codes, test_codes, steps, eval_every=20):
     from vqvae.config import PriorConfig
     from vqvae.heldout import prior_heldout
     from vqvae.priors import build_prior
-    from vqvae.train import PriorObjective
+    from vqvae.prior_training import PriorObjective
 
     torch.manual_seed(0)
     prior = build_prior(PriorConfig(codebook_size=16, grid=(4, 4), n_layer=2, n_embd=64, n_head=2))
@@ -431,7 +431,7 @@ PRIOR_WORKER = """
 import json, sys
 from rich.console import Console
 from vqvae.config import TrainConfig
-from vqvae.train import train_prior
+from vqvae.prior_training import train_prior
 run, resume = sys.argv[1], sys.argv[2] == "resume"
 cfg = TrainConfig(data="codes", steps=40, batch_size=16, warmup_steps=5, log_every=4, checkpoint_every=8,
                   eval_every=8)

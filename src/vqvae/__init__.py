@@ -31,7 +31,8 @@ from .codec import compress, decompress, read_header
 from .devices import set_threads, world
 from .presets import PRESETS
 from .streaming import write_shards
-from .train import Stopped, train_autoencoder, train_prior
+from .prior_training import train_prior
+from .train import Stopped, train_autoencoder
 from .compare import (MODEL_VARIANTS, compare_models, comparison_markdown, comparison_settings, comparison_table,
                       variant_config, write_comparison)
 from .audio import is_audio_file, load_audio, save_wav

@@ -31,7 +31,8 @@ from .config import ModelConfig, QuantizerConfig, TrainConfig, to_dict, write_at
 from .errors import ConfigError, RunError
 from .evaluate import evaluate_autoencoder
 from .run import Run
-from .train import train_autoencoder, train_prior
+from .prior_training import train_prior
+from .train import train_autoencoder
 
 # name -> (ModelConfig.model, QuantizerConfig fields); every other field is the default's.
 # FSQ's levels (8, 8, 8) give K = 512 as the VQ-VAE's codebook; residual VQ pays 2 x 9 bits per position.

@@ -159,7 +159,7 @@ def bits_figures(model, train_images: torch.Tensor, test_images: torch.Tensor, v
 def prior_figures(prior, codes: dict) -> dict:
     """Held-out bits of the codes under `prior` next to the uniform prior's log2 K bits per latent.
 
-    codes: {"test": (N, *grid) code grids, ...} as `train.cached_codes` returns. For a class-conditional
+    codes: {"test": (N, *grid) code grids, ...} as `prior_training.cached_codes` returns. For a class-conditional
     prior the bits are of the marginal over classes (the label is not part of the data).
     """
     from .priors import prior_bits
