@@ -24,3 +24,18 @@ def tiny_run(tmp_path_factory):
     train_prior(path, TINY_PRIOR, TrainConfig(data="codes", steps=30, batch_size=16, warmup_steps=5), shifts=0,
                 show_progress=False, console=quiet)
     return path
+
+
+@pytest.fixture(scope="session")
+def tiny_vqvae2_run(tmp_path_factory):
+    """runs/NAME of a 10-step VQ-VAE-2 (K = 16, 4x4 top and 7x7 bottom codes) with a 10-step prior."""
+    from dataclasses import replace
+
+    path = tmp_path_factory.mktemp("tiny_vqvae2")
+    quiet = Console(quiet=True)
+    train_autoencoder(replace(TINY_MODEL, model="vqvae2"), TrainConfig(data="mnist", steps=10, batch_size=16,
+                                                                       log_every=5), path,
+                      show_progress=False, console=quiet)
+    train_prior(path, TINY_PRIOR, TrainConfig(data="codes", steps=10, batch_size=16, warmup_steps=2), shifts=0,
+                show_progress=False, console=quiet)
+    return path

@@ -98,6 +98,25 @@ def test_report_is_self_contained_and_shows_evals_figures(tiny_run, tmp_path, ca
     assert "no prior yet" not in text and "<script src" not in text and "http" not in text
 
 
+def test_report_of_a_vqvae2_draws_its_bottom_grids_and_samples(tiny_vqvae2_run, tmp_path):
+    import io
+
+    from PIL import Image
+
+    from vqvae.html_report import code_grid_image, png_bytes, write_report
+
+    pytest.importorskip("matplotlib", reason="the `report` extra (matplotlib) is not installed")
+    text = write_report(Run(tiny_vqvae2_run), tmp_path / "r.html").read_text()
+    images = _images(text)
+    assert len(images) == 3 + 3 + 1 + 12 + 1 + 1 and "the bottom grid" in text
+    grids = images[8:19:2]  # each input is followed by its code grid: the 7x7 bottom one
+    bottom = Image.open(io.BytesIO(png_bytes(code_grid_image(torch.zeros(7, 7, dtype=torch.long), 16))))
+    assert all(image.size == bottom.size for image in grids)
+    assert images[-2].size[1] == 10 * (56 + 2) + 2  # prior samples, one row per class
+    embedded, _ = _figures(text)
+    assert 0 < embedded["nll_bits_per_latent"] <= 4  # 65 codes of K = 16 under the prior
+
+
 def test_report_without_prior_says_what_is_missing(tiny_run, tmp_path):
     import shutil
 

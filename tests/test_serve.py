@@ -255,3 +255,11 @@ def test_cli_serve_binds_localhost_by_default(tiny_run, monkeypatch, capsys):
     assert "serving" in capsys.readouterr().err
     assert main(["serve", str(tiny_run / "nothing-here")]) == 2
     assert "nothing-here" in capsys.readouterr().err
+
+
+def test_a_vqvae2_run_is_refused_in_one_line(tiny_vqvae2_run, capsys):
+    from vqvae.cli import main
+
+    assert main(["serve", str(tiny_vqvae2_run)]) == 2
+    err = capsys.readouterr().err
+    assert "two grids" in err and "serving" not in err and err.strip().count("\n") == 0
