@@ -234,3 +234,25 @@ def test_class_accuracy_counts_by_hand():
     images = predicted.float().view(6, 1, 1, 1).expand(6, 1, 2, 2)
     overall, per_class = class_accuracy(Lookup(), images, labels, 3, batch_size=4)
     assert overall == 4 / 6 and per_class == [1.0, 0.5, 0.5]
+
+
+def test_integer_figures_skip_only_classes_that_cannot_matter(tiny_run):
+    """With the float prior, the integer model scores only the classes within SKIP_CLASS_BITS of an image's
+    best one; the marginal bits are those of scoring every class."""
+    from vqvae.evaluate import integer_prior_figures
+
+    run = Run(tiny_run)
+    iprior, prior = run.integer_prior(), run.prior()
+    codes = encode_dataset(run.model(), run.dataset().test[:60])
+    scored = []
+    bits = iprior.bits
+    iprior.bits = lambda z, cond=None: scored.append(len(z)) or bits(z, cond)
+    try:
+        every = integer_prior_figures(iprior, codes)["integer_bits_per_latent"]
+        assert sum(scored) == 10 * 60
+        scored.clear()
+        pruned = integer_prior_figures(iprior, codes, prior)["integer_bits_per_latent"]
+    finally:
+        del iprior.bits
+    assert pruned == pytest.approx(every, rel=0, abs=1e-6 / 49)  # < 1e-6 bits per image of 49 latents
+    assert 60 <= sum(scored) <= 10 * 60  # every image keeps at least its best class

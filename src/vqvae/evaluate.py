@@ -189,14 +189,34 @@ def likelihood(model, prior, train_images: torch.Tensor, test_images: torch.Tens
     return {"bits_per_dim": float(bpd.mean()), "decoder_log_scale": log_scale}
 
 
-def integer_prior_figures(integer_prior, codes: torch.Tensor) -> dict:
+SKIP_CLASS_BITS = 24  # classes this many bits above an image's best one: together < 1e-6 bits of its marginal
+
+
+def integer_prior_figures(integer_prior, codes: torch.Tensor, prior=None) -> dict:
     """Held-out bits per latent under the integer prior (what the range coder pays), marginal over classes
-    for a class-conditional prior: -log2 (1/Y) sum_y 2^-bits(z | y)."""
+    for a class-conditional prior: -log2 (1/Y) sum_y 2^-bits(z | y).
+
+    With `prior`, the float prior the integer one was made from, a class whose float bits for an image are
+    more than SKIP_CLASS_BITS above that image's best class is left out of its sum: each such term is below
+    2^-23.9 of the best one's (the float and integer bits differ by far less than 0.1 bit), so an image's
+    figure moves by less than (Y - 1) 2^-23.9 / ln 2, under 1e-6 bits for 10 classes. The integer model,
+    the slow one, then scores about 4 of 10 classes per digit instead of all (measured on MNIST runs)."""
+    from .priors import prior_bits
+
     z = torch.as_tensor(codes).long()
     Y = integer_prior.cfg.num_classes
     if Y:
-        per_class = torch.stack([integer_prior.bits(z, torch.full((len(z),), y, dtype=torch.long))
-                                 for y in range(Y)])  # (Y, N) bits
+        if prior is not None:
+            float_bits = torch.stack([prior_bits(prior, z, torch.full((len(z),), y, dtype=torch.long))
+                                      for y in range(Y)])  # (Y, N)
+            needed = float_bits <= float_bits.min(0).values + SKIP_CLASS_BITS
+        else:
+            needed = torch.ones(Y, len(z), dtype=torch.bool)
+        per_class = torch.full((Y, len(z)), math.inf, dtype=torch.float64)  # (Y, N) bits
+        for y in range(Y):
+            rows = needed[y].nonzero()[:, 0]
+            if len(rows):
+                per_class[y, rows] = integer_prior.bits(z[rows], torch.full((len(rows),), y, dtype=torch.long))
         bits = -(torch.logsumexp(-per_class * math.log(2), 0) - math.log(Y)) / math.log(2)
     else:
         bits = integer_prior.bits(z)
@@ -229,7 +249,7 @@ def evaluate_run(run, data: str | None = None, samples_per_class: int = 20, clas
             figures.update({k: v for k, v in prior_figures(prior, {"test": codes}).items()
                             if k in ("nll_bits_per_latent", "uniform_bits_per_latent")})
             if run.has_integer_prior():
-                figures.update(integer_prior_figures(run.integer_prior(), codes))
+                figures.update(integer_prior_figures(run.integer_prior(), codes, prior))
             figures.update(likelihood(model, prior, train, dataset.test))
             classes = prior.cfg.num_classes
             if samples_per_class and classes and dataset.num_classes == classes and dataset.test_labels is not None:

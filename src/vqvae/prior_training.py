@@ -186,7 +186,7 @@ def train_prior(run: str | Path, prior_cfg_overrides: dict, train_cfg: TrainConf
     integer = run.quantize_prior()  # the integer model the range coder uses, calibrated on these codes
     test = {"test": torch.from_numpy(np.asarray(codes["test"], dtype=np.int64))}  # the held-out split, in memory
     figures = prior_figures(prior, test)
-    figures.update(integer_prior_figures(integer, test["test"]))
+    figures.update(integer_prior_figures(integer, test["test"], prior))
     data = run.dataset()
     figures.update(likelihood(model, prior, data.train_rows(0, 1000), data.test))  # it fits on <= 1,000
     if heldout is not None:
