@@ -189,6 +189,11 @@ def test_sample_grids(prior_run, tmp_path, capsys):
     assert np.array_equal(np.asarray(Image.open(tmp_path / "a.png")), np.asarray(Image.open(tmp_path / "b.png")))
     code, _, err = run(capsys, "sample", prior_run, "--label", "10", "-o", tmp_path / "c.png")
     assert code == 2 and "label must be in 0..9" in err
+    code, _, _ = run(capsys, "sample", prior_run, "-n", "3", "--label", "4", "-o", tmp_path / "g.png", "--seed", "1",
+                     "--guidance", "3")
+    assert code == 0 and Image.open(tmp_path / "g.png").size == Image.open(tmp_path / "a.png").size
+    code, _, err = run(capsys, "sample", prior_run, "--guidance", "-1", "-o", tmp_path / "d.png")
+    assert code == 2 and "guidance >= 0" in err and err.strip().count("\n") == 0
 
 
 @pytest.mark.parametrize("coder", ["range", "huffman"])
