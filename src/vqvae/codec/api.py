@@ -19,8 +19,8 @@ import torch
 from torch import Tensor
 
 from ..autoencoders import VQVAE
-from ..hierarchical import VQVAE2
 from ..errors import CodecError
+from ..hierarchical import VQVAE2
 from ..integer_priors import FORMAT_IDS, IntegerPrior
 from ..nets import eval_mode
 from ..pretrained import fingerprint
