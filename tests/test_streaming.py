@@ -166,11 +166,15 @@ def test_modes_become_the_datasets_channels(tmp_path):
 # ----------------------------------------------------------------------------------- batches
 
 
-def test_batches_follow_the_generator_with_and_without_workers(tmp_path):
+def _reader(tmp_path, batch, workers, seed):
+    """(stream, generator, BatchReader) over 30 mixed images cropped to 12x12."""
     _mixed_folder(tmp_path, 30)
     stream = open_stream(f"folder:{tmp_path}", image_size=12)
-    gen = torch.Generator().manual_seed(3)
-    reader = BatchReader(stream, 6, torch.device("cpu"), workers=2)
+    return stream, torch.Generator().manual_seed(seed), BatchReader(stream, batch, torch.device("cpu"), workers=workers)
+
+
+def test_batches_follow_the_generator_with_and_without_workers(tmp_path):
+    stream, gen, reader = _reader(tmp_path, 6, workers=2, seed=3)
     batches = [reader(gen) for _ in range(4)]
     # an independent reference: the same draws, each image decoded on its own
     ref_gen = torch.Generator().manual_seed(3)
@@ -185,10 +189,7 @@ def test_batches_follow_the_generator_with_and_without_workers(tmp_path):
 
 
 def test_resume_from_a_saved_generator_state_continues_the_sequence(tmp_path):
-    _mixed_folder(tmp_path, 30)
-    stream = open_stream(f"folder:{tmp_path}", image_size=12)
-    gen = torch.Generator().manual_seed(0)
-    reader = BatchReader(stream, 4, torch.device("cpu"), workers=1)
+    stream, gen, reader = _reader(tmp_path, 4, workers=1, seed=0)
     first = [reader(gen) for _ in range(2)]
     saved = gen.get_state()
     rest = [reader(gen) for _ in range(3)]
