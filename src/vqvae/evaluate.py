@@ -26,7 +26,7 @@ def encode_dataset(model, images: torch.Tensor, batch_size: int = 500) -> torch.
     integer codes (AE, VAE) are a `RunError`."""
     if not model.discrete:
         raise RunError(f"a {model.cfg.model!r} model has continuous latents, not integer codes")
-    two_level = hasattr(model, "top_quantizer")
+    two_level = hasattr(model, "levels")  # VQ-VAE-2
     if two_level and model.code_stages:
         raise RunError("a 'vqvae2' model with residual-VQ quantizers has several codes per position of two grids; "
                        "priors and .vqz files take its vq, ema or fsq variants")
@@ -201,14 +201,13 @@ def integer_prior_figures(integer_prior, codes: torch.Tensor, prior=None) -> dic
     2^-23.9 of the best one's (the float and integer bits differ by far less than 0.1 bit), so an image's
     figure moves by less than (Y - 1) 2^-23.9 / ln 2, under 1e-6 bits for 10 classes. The integer model,
     the slow one, then scores about 4 of 10 classes per digit instead of all (measured on MNIST runs)."""
-    from .priors import prior_bits
+    from .priors import class_bits, marginal_bits
 
     z = torch.as_tensor(codes).long()
     Y = integer_prior.cfg.num_classes
     if Y:
         if prior is not None:
-            float_bits = torch.stack([prior_bits(prior, z, torch.full((len(z),), y, dtype=torch.long))
-                                      for y in range(Y)])  # (Y, N)
+            float_bits = class_bits(prior, z)  # (Y, N)
             needed = float_bits <= float_bits.min(0).values + SKIP_CLASS_BITS
         else:
             needed = torch.ones(Y, len(z), dtype=torch.bool)
@@ -217,7 +216,7 @@ def integer_prior_figures(integer_prior, codes: torch.Tensor, prior=None) -> dic
             rows = needed[y].nonzero()[:, 0]
             if len(rows):
                 per_class[y, rows] = integer_prior.bits(z[rows], torch.full((len(rows),), y, dtype=torch.long))
-        bits = -(torch.logsumexp(-per_class * math.log(2), 0) - math.log(Y)) / math.log(2)
+        bits = marginal_bits(per_class)
     else:
         bits = integer_prior.bits(z)
     return {"integer_bits_per_latent": float(bits.mean()) / integer_prior.seq_len}

@@ -45,7 +45,7 @@ from .pretrained import CONFIG_NAME
 
 __all__ = [
     "DecodeState", "Prior", "TransformerPrior", "PixelCNNPrior",
-    "build_prior", "load_prior", "prior_bits", "sample_from_logits",
+    "build_prior", "class_bits", "load_prior", "marginal_bits", "prior_bits", "sample_from_logits",
 ]
 
 
@@ -566,17 +566,29 @@ def prior_bits(prior: Prior, codes: Tensor, cond: Tensor | None = None, batch_si
     image whose label is unknown.
     """
     codes = torch.as_tensor(codes)
-    device, Y = prior.device, prior.cfg.num_classes
+    if cond is None and prior.cfg.num_classes:
+        return marginal_bits(class_bits(prior, codes, batch_size))
+    device = prior.device
     out = []
     with eval_mode(prior):
         for i in range(0, len(codes), batch_size):
             z = codes[i:i + batch_size].to(device, torch.long)
-            if cond is not None:
-                log_p = prior.log_prob(z, torch.as_tensor(cond)[i:i + batch_size].to(device, torch.long)).double()
-            elif Y:
-                per_class = torch.stack([prior.log_prob(z, torch.full((len(z),), y, device=device)) for y in range(Y)])
-                log_p = torch.logsumexp(per_class.double(), 0) - math.log(Y)
-            else:
-                log_p = prior.log_prob(z).double()
-            out.append(-log_p.cpu() / math.log(2))
+            c = None if cond is None else torch.as_tensor(cond)[i:i + batch_size].to(device, torch.long)
+            out.append(-prior.log_prob(z, c).double().cpu() / math.log(2))
     return torch.cat(out)
+
+
+@torch.no_grad()
+def class_bits(prior: Prior, codes: Tensor, batch_size: int = 250) -> Tensor:
+    """-log2 p(z | y) of each code grid under each of a class-conditional prior's Y classes -> (Y, N)
+    float64, in eval mode, batched."""
+    codes, Y = torch.as_tensor(codes), prior.cfg.num_classes
+    return torch.stack([prior_bits(prior, codes, torch.full((len(codes),), y, dtype=torch.long), batch_size)
+                        for y in range(Y)])
+
+
+def marginal_bits(per_class: Tensor) -> Tensor:
+    """(Y, N) bits of each grid under each class -> (N,) bits of the marginal -log2 (1/Y) sum_y 2^-bits,
+    a uniform p(y); classes at +inf bits add nothing."""
+    Y = per_class.size(0)
+    return -(torch.logsumexp(-per_class.double() * math.log(2), 0) - math.log(Y)) / math.log(2)
